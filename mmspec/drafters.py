@@ -1,0 +1,182 @@
+"""Drafters: what proposes tokens for the target to verify.
+
+Every drafter has `start(ctx)` (once per prompt, after the target's prefill) and
+`propose(committed, spec, sampling, gen) -> Proposal`. Drafters with a next-token distribution
+hand an `expand` function to `tree.grow_tree`, which owns the chain/static/dynamic shapes:
+- ModelDrafter: an independent Hugging Face model with the target's tokenizer, either a small VLM
+  that sees the image or a text-only causal LM that does not; it keeps its own KV cache.
+- NgramDrafter: prompt lookup; continuations of earlier occurrences of the current suffix.
+- RandomDrafter: uniform-ish noise; a deliberately bad drafter for tests and lessons.
+Feature-level drafters (EAGLE family) plug in the same way.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmspec.errors import InputError
+from mmspec.families import family_for
+from mmspec.model import CachedModel
+from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
+from mmspec.verify import Sampling, token_probs
+
+
+@dataclass
+class DraftContext:
+    image: Image.Image | None
+    prompt: str
+    prompt_ids: list[int]  # the target's prefill ids, image tokens expanded
+    target: Any  # mmspec.load.Target
+    target_hidden: Any = None  # the target's prefill hidden states, for feature drafters
+
+
+class Drafter:
+    name = "drafter"
+    kind = "base"
+
+    def start(self, ctx: DraftContext) -> None:
+        pass
+
+    def propose(self, committed: list[int], spec: TreeSpec, sampling: Sampling, gen: torch.Generator) -> Proposal:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind}
+
+
+def draft_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The drafter's q: its sampling distribution, or plain softmax for ranking when greedy."""
+    return torch.softmax(logits.float(), -1) if sampling.greedy else token_probs(logits, sampling)
+
+
+class ModelDrafter(Drafter):
+    kind = "model"
+
+    def __init__(self, name: str, model, processor):
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.family = family_for(model.config)
+        self.cm: CachedModel | None = None
+        self.fed = 0  # generated tokens already in the draft cache
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "sees_image": self.family.sees_image}
+
+    def start(self, ctx: DraftContext) -> None:
+        self.cm = CachedModel(self.model, self.family)
+        self.cm.prefill(self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt))
+        self.fed = 0
+
+    def propose(self, committed, spec, sampling, gen):
+        cm = self.cm
+        pending = committed[self.fed :]
+        fed_nodes: list[int] = []  # pool ids in draft-cache order after the committed part
+
+        def expand(pool: TreePool, ids: list[int]) -> torch.Tensor:
+            if ids == [-1]:
+                toks = torch.tensor(pending, dtype=torch.long)
+                pos = torch.arange(cm.committed, cm.committed + len(pending))
+                logits = cm.forward(toks, pos, None)
+                cm.commit_rows(list(range(len(pending))))
+                self.fed = len(committed)
+                return draft_probs(logits[-1:], sampling)
+            toks = torch.tensor([pool.tokens[i] for i in ids], dtype=torch.long)
+            pos = torch.tensor([cm.committed - 1 + pool.depths[i] for i in ids])
+            order = fed_nodes + ids
+            # Ancestor-or-self among every uncommitted node: a pool-wide mask, sliced to our rows.
+            anc = tree_attention(pool.parents)[1:, 1:]
+            cols = torch.tensor(order)
+            tail = anc[torch.tensor(ids)][:, cols]
+            logits = cm.forward(toks, pos, tail)
+            fed_nodes.extend(ids)
+            return draft_probs(logits, sampling)
+
+        try:
+            return grow_tree(expand, spec, not sampling.greedy, gen)
+        finally:
+            cm.rollback()
+
+
+class RandomDrafter(Drafter):
+    """Proposes tokens from random distributions: almost always rejected, still lossless."""
+
+    kind = "random"
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.name = "random"
+        self.vocab_size = vocab_size
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def propose(self, committed, spec, sampling, gen):
+        def expand(pool, ids):
+            logits = torch.randn(len(ids), self.vocab_size, generator=self.rng) * 3.0
+            return draft_probs(logits, sampling)
+
+        return grow_tree(expand, spec, not sampling.greedy, gen)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: find the current suffix earlier in prompt + output, propose what followed."""
+
+    kind = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.name = "ngram"
+        self.max_n, self.min_n = max_n, min_n
+        self.prompt_ids: list[int] = []
+
+    def info(self):
+        return {"name": self.name, "kind": self.kind, "max_n": self.max_n, "min_n": self.min_n}
+
+    def start(self, ctx: DraftContext) -> None:
+        image_id = getattr(ctx.target.model.config, "image_token_id", None)
+        self.prompt_ids = [t for t in ctx.prompt_ids if t != image_id]
+
+    def propose(self, committed, spec, sampling, gen):
+        seq = self.prompt_ids + committed
+        for n in range(min(self.max_n, len(seq) - 1), self.min_n - 1, -1):
+            suffix = seq[-n:]
+            found: Counter[tuple[int, ...]] = Counter()
+            for i in range(len(seq) - n - 1, -1, -1):
+                if seq[i : i + n] == suffix:
+                    cont = tuple(seq[i + n : i + n + spec.depth])
+                    if cont:
+                        found[cont] += 1
+            if found:
+                conts = [(list(c), float(w)) for c, w in found.most_common()]
+                return Proposal(tree_from_paths(conts, spec), {})
+        return Proposal(tree_from_paths([], spec), {})
+
+
+DRAFTER_KINDS = ("vanilla", "ngram", "random")
+
+
+def load_drafter(name: str | None, target, device: str | None = None, dtype: str | None = None) -> Drafter | None:
+    """`vanilla`/None -> no drafter; `ngram`; `random`; else a model directory or hub id."""
+    from mmspec.load import _where, load_config, load_model, load_processor, same_tokenizer
+
+    if name in (None, "", "vanilla", "none"):
+        return None
+    if name == "ngram":
+        return NgramDrafter()
+    if name == "random":
+        return RandomDrafter(len(target.tokenizer))
+    where = _where(name)
+    if where == name and "/" not in name:
+        raise InputError(f"unknown drafter {name!r}: use one of {', '.join(DRAFTER_KINDS)}, a model directory or a hub id")
+    config = load_config(name)
+    processor = load_processor(name, config)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not same_tokenizer(tokenizer, target.tokenizer):
+        raise InputError(
+            f"drafter {name} does not share the target's tokenizer ({len(tokenizer)} vs {len(target.tokenizer)} tokens "
+            "or different vocabularies); a draft model must use the same tokenizer"
+        )
+    same = str(name) == str(target.name)
+    model = target.model if same else load_model(name, target.device, target.dtype, config)
+    return ModelDrafter(str(name), model, processor)

@@ -1,0 +1,208 @@
+"""The decode loop: prefill, then draft -> verify -> keep the accepted path, one record per step.
+
+`Decoder` is iterable (yields `StepRecord`s as they happen) and holds the finished `Generation` in
+`.result`. With no drafter it is vanilla decoding through the very same loop: an empty tree, one
+token per target forward. Invariant after every step: the target cache holds the prompt and every
+committed token except the last, which is fed as the root of the next step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+
+from mmspec.drafters import DraftContext, Drafter
+from mmspec.errors import InputError
+from mmspec.load import Target, load_image
+from mmspec.model import CachedModel
+from mmspec.trace import DraftTree, Generation, StepRecord, compute_stats
+from mmspec.tree import NO_TREE, Proposal, TreeSpec, parse_tree_spec, tree_attention
+from mmspec.verify import Sampling, token_probs, verify
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    tree: str | TreeSpec = "chain:4"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p)
+
+    @property
+    def tree_spec(self) -> TreeSpec:
+        return self.tree if isinstance(self.tree, TreeSpec) else parse_tree_spec(self.tree)
+
+    def check(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+        if self.temperature < 0:
+            raise InputError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InputError("top_p must be in (0, 1]")
+        self.tree_spec  # noqa: B018 - parse early for a clear error
+
+
+class _Clock:
+    """Milliseconds of device work: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1000.0
+
+
+class Decoder:
+    def __init__(self, target: Target, drafter: Drafter | None, image: Image.Image | str | None, prompt: str,
+                 config: DecodeConfig | None = None):
+        self.target = target
+        self.drafter = drafter
+        self.config = config or DecodeConfig()
+        self.config.check()
+        if not prompt or not prompt.strip():
+            raise InputError("the prompt is empty")
+        self.prompt = prompt
+        self.image = load_image(image) if image is not None else None
+        self.result: Generation | None = None
+        self.stopped = False
+        self.target_cache: CachedModel | None = None  # exposed for tests and tools
+
+    def stop(self) -> None:
+        """Ask a running decode to finish after the current step (the result is kept)."""
+        self.stopped = True
+
+    def _text(self, ids: list[int]) -> list[str]:
+        return [self.target.tokenizer.decode([t]) for t in ids]
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        tgt, cfg = self.target, self.config
+        sampling = cfg.sampling
+        spec = cfg.tree_spec if self.drafter is not None else NO_TREE
+        gen = torch.Generator().manual_seed(cfg.seed)
+        clock = _Clock(tgt.device)
+        eos = tgt.eos_ids
+        tm = self.target_cache = CachedModel(tgt.model, tgt.family)
+        inputs = tgt.family.prefill_inputs(tgt.processor, self.image, self.prompt)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        max_pos = getattr(getattr(tgt.model.config, "text_config", tgt.model.config), "max_position_embeddings", None)
+        max_new = cfg.max_new_tokens
+        if max_pos is not None:
+            room = max_pos - len(prompt_ids)
+            if room < 1:
+                raise InputError(f"the prompt takes {len(prompt_ids)} tokens; the target's context is {max_pos}")
+            max_new = min(max_new, room)
+
+        steps: list[StepRecord] = []
+        committed: list[int] = []
+        t_start = time.perf_counter()
+        a = clock.mark()
+        logits = tm.prefill(inputs)
+        first = self._sample_one(logits, sampling, gen)
+        b = clock.mark()
+        prefill_ms = clock.ms(a, b)
+        committed.append(first)
+        record = self._record(0, "prefill", Proposal(DraftTree(), {}), None, first, [first], 0.0, prefill_ms,
+                              (time.perf_counter() - t_start) * 1000, t_start)
+        steps.append(record)
+        yield record
+        done = first in eos or len(committed) >= max_new
+        if self.drafter is not None and not done:
+            self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt))
+        while not done and not self.stopped:
+            t_step = time.perf_counter()
+            step_spec = spec.limited(max_new - len(committed) - 1)
+            a = clock.mark()
+            proposal = (self.drafter.propose(committed, step_spec, sampling, gen)
+                        if self.drafter is not None and step_spec.kind != "none" else Proposal(DraftTree(), {}))
+            b = clock.mark()
+            tree = proposal.tree
+            root_pos = tm.committed
+            toks = torch.tensor([committed[-1]] + tree.tokens, dtype=torch.long)
+            pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
+            chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+            mask = None if chain else tree_attention(tree.parents)
+            target_logits = tm.forward(toks, pos, mask)
+            verdict = verify(tree, target_logits, sampling, proposal.proposals, gen)
+            tm.commit_rows([0] + [n + 1 for n in verdict.accepted])
+            c = clock.mark()
+            draft_ms, verify_ms = clock.ms(a, b), clock.ms(b, c)
+            new = [tree.tokens[n] for n in verdict.accepted] + [verdict.next_token]
+            new = new[: max_new - len(committed)]
+            for i, t in enumerate(new):
+                if t in eos:
+                    new = new[: i + 1]
+                    done = True
+                    break
+            committed.extend(new)
+            done = done or len(committed) >= max_new
+            kind = "draft" if self.drafter is not None else "vanilla"
+            record = self._record(len(steps), kind, proposal, verdict, verdict.next_token, new, draft_ms, verify_ms,
+                                  (time.perf_counter() - t_step) * 1000, t_start)
+            steps.append(record)
+            yield record
+        wall = time.perf_counter() - t_start
+        self.result = Generation(
+            mode="speculative" if self.drafter is not None else "vanilla",
+            config={
+                "target": tgt.name, "drafter": self.drafter.name if self.drafter else "vanilla",
+                "tree": spec.describe(), "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed, "device": str(tgt.device), "dtype": str(tgt.dtype).replace("torch.", ""),
+                **cfg.extra,
+            },
+            prompt=self.prompt,
+            prompt_tokens=len(prompt_ids),
+            token_ids=committed,
+            text=tgt.tokenizer.decode(committed, skip_special_tokens=True),
+            steps=steps,
+            stats=compute_stats(steps, wall),
+            drafter_info=self.drafter.info() if self.drafter is not None else {},
+        )
+
+    def _sample_one(self, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
+        if sampling.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(token_probs(logits.float().cpu(), sampling), 1, generator=gen))
+
+    def _record(self, index, kind, proposal, verdict, next_token, new, draft_ms, verify_ms, step_ms, t_start) -> StepRecord:
+        tree = proposal.tree
+        accepted = verdict.accepted if verdict else []
+        if len(tree) == 0:
+            next_kind = "target"
+        else:
+            # Bonus: the accepted path ends at a leaf, so no draft was rejected on the way.
+            last = accepted[-1] if accepted else -1
+            next_kind = "bonus" if last != -1 and last not in tree.parents else "correction"
+        return StepRecord(
+            index=index, kind=kind, tree=tree, node_texts=self._text(tree.tokens),
+            target_tokens=verdict.target_tokens if verdict else [], target_probs=verdict.target_probs if verdict else [],
+            accepted=accepted, next_token=next_token, next_kind=next_kind, next_text=self._text([next_token])[0],
+            new_tokens=new, new_texts=self._text(new), draft_ms=draft_ms, verify_ms=verify_ms, step_ms=step_ms,
+            elapsed_s=time.perf_counter() - t_start, extras=proposal.extras,
+        )
+
+
+def generate(target: Target, drafter: Drafter | None, image, prompt: str, config: DecodeConfig | None = None) -> Generation:
+    dec = Decoder(target, drafter, image, prompt, config)
+    for _ in dec:
+        pass
+    return dec.result

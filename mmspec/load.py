@@ -1,0 +1,187 @@
+"""Loading targets, draft models, processors and images, with errors a user can act on.
+
+Everything loads through transformers' Auto classes from a local directory or a hub id, so the
+embedded default in assets/ and a hub model take the same path. Qwen2-VL's processor wants
+torchvision (video processor, fast image processor); without it we build the processor from its
+PIL image processor and no video processor.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmspec.errors import InputError
+from mmspec.families import Family, family_for
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_TARGET = ASSETS / "models" / "mmspec-target"
+MAX_IMAGE_SIDE = 2048  # larger images are downscaled (aspect kept) before the processor sees them
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class Target:
+    name: str
+    model: Any
+    processor: Any
+    tokenizer: Any
+    family: Family
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return set(ids if isinstance(ids, (list, tuple)) else [ids]) - {None}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but this machine has no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _where(name: str) -> str:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise InputError(f"{name} is a directory without config.json: not a save_pretrained model")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise InputError(f"model path {name} does not exist")
+    return name  # a hub id
+
+
+def _offline_hint(name: str, err: Exception) -> InputError:
+    return InputError(
+        f"could not load {name!r}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+        "If this is a hub id, this machine may be offline: use a local directory written by save_pretrained."
+    )
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    where = _where(name)
+    try:
+        return AutoConfig.from_pretrained(where)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise _offline_hint(name, e) from e
+
+
+def load_processor(name: str, config=None):
+    """AutoProcessor, or for Qwen2-VL without torchvision: PIL image processor + tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    where = _where(name)
+    config = config or load_config(name)
+    if family_for(config).name == "qwen2_vl":
+        return _qwen2_vl_processor(where)
+    if not hasattr(config, "vision_config"):
+        try:
+            return AutoTokenizer.from_pretrained(where)
+        except Exception as e:  # noqa: BLE001
+            raise _offline_hint(name, e) from e
+    try:
+        return AutoProcessor.from_pretrained(where)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_hint(name, e) from e
+
+
+def _qwen2_vl_processor(where: str):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    class PilQwen2VLProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's own processing code with the PIL image processor and no video processor."""
+
+        def check_argument_for_proper_class(self, attribute_name, arg):
+            if attribute_name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(attribute_name, arg)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(where)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_hint(where, e) from e
+    template = getattr(tokenizer, "chat_template", None)
+    jinja = Path(where) / "chat_template.jinja"
+    if jinja.exists():
+        template = jinja.read_text()
+    return PilQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, config=None):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    where = _where(name)
+    config = config or load_config(name)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(where, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_hint(name, e) from e
+    return model.to(device).eval()
+
+
+def load_target(name: str | None = None, device: str | None = None, dtype: str | None = None) -> Target:
+    """Load a target VLM (default: the embedded model in assets/)."""
+    if name is None:
+        if not DEFAULT_TARGET.exists():
+            raise InputError(f"no --target given and the embedded default {DEFAULT_TARGET} is missing")
+        name = str(DEFAULT_TARGET)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = load_config(name)
+    if not hasattr(config, "vision_config"):
+        raise InputError(f"{name} is a text-only model ({config.model_type}); the target must be a vision-language model")
+    processor = load_processor(name, config)
+    model = load_model(name, dev, dt, config)
+    return Target(name, model, processor, processor.tokenizer, family_for(config), dev, dt)
+
+
+def load_image(image: str | Path | Image.Image | None) -> Image.Image:
+    """An RGB PIL image, downscaled if a side exceeds MAX_IMAGE_SIDE."""
+    if image is None:
+        raise InputError("no image given")
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image {path} does not exist")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise InputError(f"image {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{path} is not a readable image ({e})") from e
+    image = image.convert("RGB")
+    if max(image.size) > MAX_IMAGE_SIDE:
+        scale = MAX_IMAGE_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    return image
+
+
+def same_tokenizer(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()

@@ -1,0 +1,160 @@
+"""Greedy losslessness: speculative output == vanilla output, token for token, for every drafter x
+tree shape x model family, on tiny random models; plus EOS, max_new_tokens and cache invariants."""
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPE
+from mmspec import DecodeConfig, Decoder, generate, load_drafter, load_target
+from tiny_models import image
+
+STATIC = "static:[[0],[1],[2],[0,0],[0,1],[1,0],[0,0,0],[0,0,1],[0,1,0],[0,0,0,0]]"
+TREES = ["chain:4", "chain:1", STATIC, "dynamic:16,5,3"]
+PROMPTS = [("describe the image.", 0), ("how many shapes can you see?", 7)]
+N_NEW = 64
+
+_targets: dict = {}
+_refs: dict = {}
+
+
+def target(tiny_dir, family):
+    if family not in _targets:
+        _targets[family] = load_target(str(tiny_dir / family), DEVICE, DTYPE)
+    return _targets[family]
+
+
+def reference(tiny_dir, family, prompt, seed):
+    key = (family, prompt, seed)
+    if key not in _refs:
+        _refs[key] = generate(target(tiny_dir, family), None, image(seed), prompt, DecodeConfig(max_new_tokens=N_NEW))
+    return _refs[key]
+
+
+def drafter_names(tiny_dir, family):
+    own = str(tiny_dir / family)
+    names = ["ngram", "random", own, str(tiny_dir / "text-draft")]
+    if family == "llava":
+        names.append(str(tiny_dir / "llava-draft"))
+    return names
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_speculative_equals_vanilla(tiny_dir, family, tree):
+    tgt = target(tiny_dir, family)
+    for name in drafter_names(tiny_dir, family):
+        drafter = load_drafter(name, tgt)
+        for prompt, seed in PROMPTS:
+            ref = reference(tiny_dir, family, prompt, seed)
+            assert len(ref.token_ids) == N_NEW
+            gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=N_NEW, tree=tree))
+            assert gen.token_ids == ref.token_ids, f"{family} {name} {tree} {prompt!r}"
+            assert gen.text == ref.text
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_perfect_drafter_accepts_everything(tiny_dir, family):
+    tgt = target(tiny_dir, family)
+    drafter = load_drafter(str(tiny_dir / family), tgt)
+    gen = generate(tgt, drafter, image(0), PROMPTS[0][0], DecodeConfig(max_new_tokens=N_NEW, tree="chain:4"))
+    decode = [s for s in gen.steps if s.kind == "draft"]
+    # Every full step accepts all 4 drafts and adds the bonus; only the last may be cut by max_new_tokens.
+    assert all(s.accepted_len == 4 and s.next_kind == "bonus" for s in decode[:-1])
+    assert gen.stats.tau == pytest.approx((N_NEW - 1) / len(decode))
+    full = [len(s.new_tokens) for s in decode[:-1]]
+    assert set(full) == {5}
+
+
+def test_random_drafter_is_rejected_but_lossless(tiny_dir):
+    tgt = target(tiny_dir, "llava")
+    gen = generate(tgt, load_drafter("random", tgt), image(0), PROMPTS[0][0], DecodeConfig(max_new_tokens=N_NEW, tree="dynamic:16,5,3"))
+    assert gen.stats.tau < 1.2
+    assert all(s.next_kind in ("correction", "bonus") for s in gen.steps if s.kind == "draft" and len(s.tree))
+
+
+@pytest.mark.parametrize("tree", ["chain:4", "dynamic:16,5,3"])
+def test_eos_inside_accepted_run_stops_there(tiny_dir, tree):
+    tgt = target(tiny_dir, "llava")
+    ref = reference(tiny_dir, "llava", *PROMPTS[0])
+    # Declare a token from the middle of the vanilla answer to be EOS: with the perfect drafter it is
+    # accepted inside a draft run, and generation must stop right after it.
+    eos_tok = ref.token_ids[21]
+    first = ref.token_ids.index(eos_tok)
+    old = tgt.model.generation_config.eos_token_id
+    tgt.model.generation_config.eos_token_id = eos_tok
+    try:
+        drafter = load_drafter(str(tiny_dir / "llava"), tgt)
+        gen = generate(tgt, drafter, image(0), PROMPTS[0][0], DecodeConfig(max_new_tokens=N_NEW, tree=tree))
+        van = generate(tgt, None, image(0), PROMPTS[0][0], DecodeConfig(max_new_tokens=N_NEW))
+    finally:
+        tgt.model.generation_config.eos_token_id = old
+    assert gen.token_ids == ref.token_ids[: first + 1] == van.token_ids
+    last = gen.steps[-1]
+    assert last.new_tokens[-1] == eos_tok
+    if first > 0:
+        # the EOS was an accepted draft token, not the step's own next token
+        assert eos_tok in [last.tree.tokens[n] for n in last.accepted] or last.next_token == eos_tok
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 6, 11])
+@pytest.mark.parametrize("tree", ["chain:4", "dynamic:16,5,3", STATIC])
+def test_max_new_tokens_is_never_exceeded(tiny_dir, max_new, tree):
+    tgt = target(tiny_dir, "llava")
+    drafter = load_drafter(str(tiny_dir / "llava"), tgt)
+    gen = generate(tgt, drafter, image(0), PROMPTS[0][0], DecodeConfig(max_new_tokens=max_new, tree=tree))
+    assert len(gen.token_ids) == max_new
+    assert gen.token_ids == reference(tiny_dir, "llava", *PROMPTS[0]).token_ids[:max_new]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("drafter_kind", ["self", "text", "ngram"])
+def test_cache_holds_exactly_the_committed_tokens(tiny_dir, family, drafter_kind):
+    tgt = target(tiny_dir, family)
+    name = {"self": str(tiny_dir / family), "text": str(tiny_dir / "text-draft"), "ngram": "ngram"}[drafter_kind]
+    drafter = load_drafter(name, tgt)
+    dec = Decoder(tgt, drafter, image(3), PROMPTS[1][0], DecodeConfig(max_new_tokens=40, tree="dynamic:12,4,3"))
+    n = 0
+    prompt_len = None
+    for step in dec:
+        n += len(step.new_tokens)
+        cache = dec.target_cache
+        if prompt_len is None:
+            prompt_len = cache.length
+        # every committed token is in the cache except the newest, which the next step feeds as root
+        assert cache.length == cache.committed == prompt_len + n - 1
+        if step.kind == "draft" and hasattr(drafter, "cm"):
+            assert drafter.cm.length == drafter.cm.committed  # tree entries were rolled back
+    assert n == len(dec.result.token_ids)
+
+
+def test_steps_record_what_happened(tiny_dir):
+    tgt = target(tiny_dir, "llava")
+    gen = generate(tgt, load_drafter(str(tiny_dir / "llava-draft"), tgt), image(0), PROMPTS[0][0],
+                   DecodeConfig(max_new_tokens=30, tree="dynamic:10,4,3"))
+    assert gen.steps[0].kind == "prefill"
+    for s in gen.steps[1:]:
+        t = s.tree
+        assert len(t.tokens) == len(t.parents) == len(t.depths) == len(t.draft_probs) == len(s.node_texts)
+        assert len(s.target_tokens) == len(s.target_probs) == len(t.tokens)
+        assert all(p < i for i, p in enumerate(t.parents))
+        assert all(0.0 <= q <= 1.0 for q in t.draft_probs)
+        # the accepted nodes form a root-to-node path whose tokens equal the target's choice
+        for k, node in enumerate(s.accepted):
+            assert t.parents[node] == (s.accepted[k - 1] if k else -1)
+            assert t.tokens[node] == s.target_tokens[node]
+        assert s.new_tokens == [t.tokens[n] for n in s.accepted] + [s.next_token]
+        assert s.draft_ms >= 0 and s.verify_ms > 0
+    assert sum(len(s.new_tokens) for s in gen.steps) == len(gen.token_ids)
+    assert gen.stats.steps == len(gen.steps) - 1
+    assert len(gen.stats.acceptance_by_depth) <= 4
+
+
+def test_greedy_matches_transformers_generate(tiny_dir):
+    """The engine's vanilla path agrees with Hugging Face's own greedy generate."""
+    tgt = target(tiny_dir, "qwen2vl")
+    ref = reference(tiny_dir, "qwen2vl", *PROMPTS[0])
+    inputs = tgt.family.prefill_inputs(tgt.processor, image(0), PROMPTS[0][0])
+    inputs = {k: v.to(tgt.device) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = tgt.model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=None)
+    hf = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert hf == ref.token_ids
