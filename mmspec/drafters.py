@@ -31,15 +31,23 @@ class DraftContext:
     prompt: str
     prompt_ids: list[int]  # the target's prefill ids, image tokens expanded
     target: Any  # mmspec.load.Target
-    target_hidden: Any = None  # the target's prefill hidden states, for feature drafters
+    target_cache: Any = None  # the target's CachedModel (AASD-style drafters read its KV cache)
+    target_hidden: torch.Tensor | None = None  # [len(target_layers), prompt_len, H] prefill features
 
 
 class Drafter:
     name = "drafter"
     kind = "base"
+    # Indices into the target's `hidden_states` tuple (0 = embeddings, -1 = last layer) that this
+    # drafter reads; empty = none, and the target then runs without returning hidden states.
+    target_layers: tuple[int, ...] = ()
 
     def start(self, ctx: DraftContext) -> None:
         pass
+
+    def observe(self, target_hidden: torch.Tensor, tokens: list[int]) -> None:
+        """After each verify: target features [len(target_layers), k, H] at the k positions just
+        committed to the target cache (the step's root, then the accepted nodes), and their tokens."""
 
     def propose(self, committed: list[int], spec: TreeSpec, sampling: Sampling, gen: torch.Generator) -> Proposal:
         raise NotImplementedError

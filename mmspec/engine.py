@@ -115,8 +115,9 @@ class Decoder:
         steps: list[StepRecord] = []
         committed: list[int] = []
         t_start = time.perf_counter()
+        layers = tuple(getattr(self.drafter, "target_layers", ()) or ())
         a = clock.mark()
-        logits = tm.prefill(inputs)
+        logits, hidden = tm.prefill(inputs, hidden=True) if layers else (tm.prefill(inputs), None)
         first = self._sample_one(logits, sampling, gen)
         b = clock.mark()
         prefill_ms = clock.ms(a, b)
@@ -127,7 +128,8 @@ class Decoder:
         yield record
         done = first in eos or len(committed) >= max_new
         if self.drafter is not None and not done:
-            self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt))
+            feats = torch.stack([hidden[i][0] for i in layers]) if layers else None
+            self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt, tm, feats))
         while not done and not self.stopped:
             t_step = time.perf_counter()
             step_spec = spec.limited(max_new - len(committed) - 1)
@@ -141,9 +143,17 @@ class Decoder:
             pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
             chain = all(p == i - 1 for i, p in enumerate(tree.parents))
             mask = None if chain else tree_attention(tree.parents)
-            target_logits = tm.forward(toks, pos, mask)
+            if layers:
+                target_logits, hidden = tm.forward(toks, pos, mask, hidden=True)
+            else:
+                target_logits = tm.forward(toks, pos, mask)
             verdict = verify(tree, target_logits, sampling, proposal.proposals, gen)
-            tm.commit_rows([0] + [n + 1 for n in verdict.accepted])
+            rows = [0] + [n + 1 for n in verdict.accepted]
+            tm.commit_rows(rows)
+            if layers:
+                idx = torch.tensor(rows, device=tgt.device)
+                feats = torch.stack([hidden[i][0].index_select(0, idx) for i in layers])
+                self.drafter.observe(feats, [committed[-1]] + [tree.tokens[n] for n in verdict.accepted])
             c = clock.mark()
             draft_ms, verify_ms = clock.ms(a, b), clock.ms(b, c)
             new = [tree.tokens[n] for n in verdict.accepted] + [verdict.next_token]
