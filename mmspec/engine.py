@@ -114,6 +114,8 @@ class Decoder:
 
         steps: list[StepRecord] = []
         committed: list[int] = []
+        # Wall time is the engine's own: time spent by whoever consumes the steps is added to
+        # t_start, so a slow consumer (a UI) does not inflate elapsed_s or tokens/s.
         t_start = time.perf_counter()
         layers = tuple(getattr(self.drafter, "target_layers", ()) or ())
         a = clock.mark()
@@ -125,7 +127,9 @@ class Decoder:
         record = self._record(0, "prefill", Proposal(DraftTree(), {}), None, first, [first], 0.0, prefill_ms,
                               (time.perf_counter() - t_start) * 1000, t_start)
         steps.append(record)
+        t_yield = time.perf_counter()
         yield record
+        t_start += time.perf_counter() - t_yield
         done = first in eos or len(committed) >= max_new
         if self.drafter is not None and not done:
             feats = torch.stack([hidden[i][0] for i in layers]) if layers else None
@@ -169,7 +173,9 @@ class Decoder:
             record = self._record(len(steps), kind, proposal, verdict, verdict.next_token, new, draft_ms, verify_ms,
                                   (time.perf_counter() - t_step) * 1000, t_start)
             steps.append(record)
+            t_yield = time.perf_counter()
             yield record
+            t_start += time.perf_counter() - t_yield
         wall = time.perf_counter() - t_start
         self.result = Generation(
             mode="speculative" if self.drafter is not None else "vanilla",
@@ -204,7 +210,8 @@ class Decoder:
             next_kind = "bonus" if last != -1 and last not in tree.parents else "correction"
         return StepRecord(
             index=index, kind=kind, tree=tree, node_texts=self._text(tree.tokens),
-            target_tokens=verdict.target_tokens if verdict else [], target_probs=verdict.target_probs if verdict else [],
+            target_tokens=verdict.target_tokens if verdict else [],
+            target_texts=self._text(verdict.target_tokens) if verdict else [], target_probs=verdict.target_probs if verdict else [],
             accepted=accepted, next_token=next_token, next_kind=next_kind, next_text=self._text([next_token])[0],
             new_tokens=new, new_texts=self._text(new), draft_ms=draft_ms, verify_ms=verify_ms, step_ms=step_ms,
             elapsed_s=time.perf_counter() - t_start, extras=proposal.extras,

@@ -176,6 +176,8 @@ def load_image(image: str | Path | Image.Image | None) -> Image.Image:
                 image = im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"{path} is not a readable image ({e})") from e
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{path} has too many pixels to open safely ({e})") from e
     image = image.convert("RGB")
     if max(image.size) > MAX_IMAGE_SIDE:
         scale = MAX_IMAGE_SIDE / max(image.size)

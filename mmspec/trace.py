@@ -47,6 +47,7 @@ class StepRecord:
     tree: DraftTree
     node_texts: list[str]  # token text of each draft node
     target_tokens: list[int]  # target's most likely token at each node's parent context
+    target_texts: list[str]  # their text
     target_probs: list[float]  # target probability of each node's own token
     accepted: list[int]  # accepted node indices, root to leaf
     next_token: int  # the target's own token after the accepted path
@@ -57,7 +58,7 @@ class StepRecord:
     draft_ms: float
     verify_ms: float
     step_ms: float  # whole step, engine overhead included
-    elapsed_s: float  # since the start of generation, at the end of this step
+    elapsed_s: float  # since the start of generation, at the end of this step (consumer time excluded)
     extras: dict[str, Any] = field(default_factory=dict)  # drafter internals for this step
 
     @property
