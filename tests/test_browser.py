@@ -1,0 +1,131 @@
+"""The page in a real headless Chromium (playwright, Debian's /usr/bin/chromium).
+
+Loads the app on tiny models, picks the example, runs, waits for the race to finish, checks the
+coloured tokens and the plotly tree, toggles rejected tokens, and saves screenshots as artifacts:
+to $MMSPEC_SCREENSHOT (or tmp_path) and to tests/artifacts/ (git-ignored).
+
+`test_embedded_default_screenshot` runs only when the embedded default model exists; it makes the
+README screenshot:  MMSPEC_SCREENSHOT=assets/screenshot.png python -m pytest tests/test_browser.py -k embedded
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium to run the browser test)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+
+import app  # noqa: E402
+from test_app import free_port, make_examples, tiny_demo  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*:Warning:gradio")
+
+
+def save_artifact(page, name: str, tmp_path: Path, env_path: str | None = None, full_page: bool = True) -> Path:
+    target = Path(env_path) if env_path else tmp_path / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), full_page=full_page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")
+    if target.resolve() != (ARTIFACTS / name).resolve():
+        shutil.copyfile(target, ARTIFACTS / name)
+    return target
+
+
+@pytest.fixture()
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def serve(demo):
+    port = free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+def run_example(page, url: str, timeout_ms: int, tree: bool = False) -> None:
+    expect = sync_api.expect
+    page.goto(url)
+    page.wait_for_selector("#mmspec-run", timeout=30_000)
+    page.locator("[data-testid=dataset-cell-0-0]").first.click()  # the first example (image + prompt)
+    expect(page.locator("img").first).to_be_visible()
+    if tree:
+        page.locator("label:has-text('tree (dynamic)')").click()
+    page.locator("#mmspec-run").click()
+    expect(page.locator("#mmspec-status")).to_contain_text("Done", timeout=timeout_ms)
+    expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=timeout_ms)
+
+
+def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
+    examples = make_examples(tmp_path / "examples")
+    demo = tiny_demo(tiny_dir, examples)
+    try:
+        url = serve(demo)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        expect = sync_api.expect
+        # the target's own weights as the drafter: accepted tokens and bonus tokens; then a tree shape
+        run_example(page, url, timeout_ms=90_000)
+        spec = page.locator("#mmspec-spec-pane .tok")
+        expect(spec.first).to_be_visible()
+        assert page.locator("#mmspec-spec-pane .tok-accepted").count() > 0
+        assert page.locator("#mmspec-vanilla-pane .tok").count() > 0
+        expect(page.locator("#mmspec-tree .js-plotly-plot")).to_be_visible()
+        expect(page.locator("#mmspec-spec-head")).to_contain_text("speed-up")
+        title = page.locator("#mmspec-spec-pane .tok-accepted").first.get_attribute("title")
+        assert "draft q = " in title and "min(1, p/q)" in title
+
+        # the random drafter as a dynamic tree: rejections and corrections, hidden until asked for
+        drafter = page.locator("#mmspec-drafter input").first
+        drafter.fill("random")
+        drafter.press("Enter")
+        page.locator("label:has-text('tree (dynamic)')").click()
+        page.locator("#mmspec-run").click()
+        expect(page.locator("#mmspec-status")).to_contain_text("(random, dynamic:", timeout=90_000)
+        expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=90_000)
+        rejected = page.locator("#mmspec-spec-pane .tok-rejected")
+        assert rejected.count() > 0
+        expect(rejected.first).to_be_hidden()
+        page.locator("label:has-text('show rejected draft tokens')").click()
+        expect(rejected.first).to_be_visible()
+        assert page.locator("#mmspec-spec-pane .tok-correction").count() > 0
+        save_artifact(page, "browser-tiny.png", tmp_path, os.environ.get("MMSPEC_SCREENSHOT"))
+
+        page.locator("#mmspec-prompt textarea").fill("")
+        page.locator("#mmspec-run").click()
+        expect(page.locator("#mmspec-status")).to_contain_text("prompt is empty", timeout=30_000)
+        assert not errors, errors
+    finally:
+        demo.close()
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "models" / "mmspec-target").exists(),
+                    reason="the embedded default model (assets/models/mmspec-target) is not built yet")
+def test_embedded_default_screenshot(tmp_path, browser):
+    demo = app.build_demo()  # no configuration: the embedded default, as `python app.py` starts it
+    try:
+        url = serve(demo)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100}, device_scale_factor=1)
+        run_example(page, url, timeout_ms=300_000, tree=True)
+        sync_api.expect(page.locator("#mmspec-tree .js-plotly-plot")).to_be_visible()
+        assert page.locator("#mmspec-spec-pane .tok").count() > 0
+        save_artifact(page, "screenshot-embedded.png", tmp_path, os.environ.get("MMSPEC_SCREENSHOT"), full_page=True)
+    finally:
+        demo.close()

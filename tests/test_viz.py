@@ -1,0 +1,299 @@
+"""viz/ on real traces from the engine (tiny models) and on synthetic drafter internals."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from html.parser import HTMLParser
+
+import plotly.graph_objects as go
+import pytest
+
+import tiny_models
+from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
+from viz import charts, internals, race, tokens, traceio, tree_fig
+
+PROMPT = "Describe the image."
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir):
+    target = load_target(str(tiny_dir / "llava"))
+    img = tiny_models.image(0)
+
+    def run(drafter, tree, n=40, temperature=0.0):
+        return generate(target, load_drafter(drafter, target), img, PROMPT,
+                        DecodeConfig(max_new_tokens=n, tree=tree, temperature=temperature))
+
+    return {
+        # the target as its own draft model: (nearly) everything is accepted, bonus tokens
+        "self": run(str(tiny_dir / "llava"), "dynamic:12,4,3"),
+        "self_chain": run(str(tiny_dir / "llava"), "chain:3"),
+        # random drafts: (nearly) everything is rejected, corrections
+        "random": run("random", "dynamic:10,3,2"),
+        "random_chain": run("random", "chain:4"),
+        "ngram": run("ngram", "chain:4"),
+        "vanilla": run("vanilla", "chain:4"),
+    }
+
+
+# ------------------------------------------------------------------ tokens HTML
+
+class SpanCounter(HTMLParser):
+    """Counts top-level token spans by fate class and collects their titles."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.titles: list[str] = []
+        self.order: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "span" and "tok" in classes:
+            fate = next(c[4:] for c in classes if c.startswith("tok-"))
+            self.counts[fate] = self.counts.get(fate, 0) + 1
+            self.titles.append(a.get("title", ""))
+            self.order.append(fate)
+
+
+def expected_counts(gen):
+    """Fates counted straight from the trace, independently of viz.tokens."""
+    c = dict.fromkeys(("accepted", "correction", "bonus", "target", "rejected"), 0)
+    for s in gen.steps:
+        n_new = len(s.new_tokens)
+        if s.kind != "draft" or len(s.tree) == 0:
+            c["target"] += n_new
+            continue
+        acc = min(len(s.accepted), n_new)
+        c["accepted"] += acc
+        if n_new > acc:
+            c[s.next_kind if s.next_kind in ("bonus", "correction") else "target"] += n_new - acc
+            if s.next_kind == "correction":
+                node = s.accepted[-1] if s.accepted else -1
+                while node in s.tree.parents:  # first-ranked child chain under the rejection point
+                    node = s.tree.parents.index(node)
+                    c["rejected"] += 1
+    return c
+
+
+@pytest.mark.parametrize("name", ["self", "self_chain", "random", "random_chain", "ngram", "vanilla"])
+def test_one_span_per_token_with_its_fate(runs, name):
+    gen = runs[name]
+    p = SpanCounter()
+    p.feed(tokens.tokens_html(gen))
+    want = expected_counts(gen)
+    got = {k: p.counts.get(k, 0) for k in want}
+    assert got == want
+    committed = sum(v for k, v in got.items() if k != "rejected")
+    assert committed == len(gen.token_ids) == gen.stats.new_tokens
+    assert tokens.fate_counts(gen) == want
+
+
+def test_traces_cover_every_fate(runs):
+    """The fixtures really exercise accepts, bonuses, rejections and corrections."""
+    self_counts, rand_counts = tokens.fate_counts(runs["self"]), tokens.fate_counts(runs["random_chain"])
+    assert self_counts["accepted"] > 10 and self_counts["bonus"] > 3
+    assert rand_counts["correction"] > 10 and rand_counts["rejected"] > 10
+    assert rand_counts["accepted"] <= 2
+
+
+def test_tooltips_carry_q_p_ratio_step_depth(runs):
+    p = SpanCounter()
+    p.feed(tokens.tokens_html(runs["random_chain"]))
+    rejected = [t for t, f in zip(p.titles, p.order) if f == "rejected"]
+    assert rejected and all("draft q = " in t and "target p = " in t and "min(1, p/q) = " in t for t in rejected)
+    assert all(re.search(r"step \d+ · depth \d+", t) for t in rejected)
+    p = SpanCounter()
+    p.feed(tokens.tokens_html(runs["self"]))
+    accepted = [t for t, f in zip(p.titles, p.order) if f == "accepted"]
+    assert accepted and all("min(1, p/q) = " in t for t in accepted)
+
+
+def test_escaping(runs):
+    gen = copy.deepcopy(runs["self"])
+    step = gen.steps[1]
+    step.new_texts[0] = "<b>&"
+    step.node_texts[step.accepted[0]] = "<b>&"
+    step.new_texts[1] = 'a"\nb\x03'
+    out = tokens.tokens_html(gen)
+    assert "<b>&" not in out
+    assert "&lt;b&gt;&amp;" in out
+    assert "⏎\n" in out and "\\x03" in out  # newline visible (and still breaks the line), control byte as \xNN
+    p = SpanCounter()
+    p.feed(out)  # the escaped title attributes still parse into the same number of spans
+    assert sum(p.counts.values()) == sum(tokens.fate_counts(gen).values())
+    assert any("‘<b>&’" in t for t in p.titles)  # the parser unescapes the attribute back
+    assert tokens.token_html("") == '<span class="tok-byte">∅</span>'
+    assert tokens.visible_text("a\tb\n") == "a⇥b⏎"
+
+
+def test_live_step_spans_concatenate_to_the_whole(runs):
+    gen = runs["random"]
+    spans = tokens.step_spans(gen)
+    assert len(spans) == len(gen.steps)
+    assert "".join(spans) == tokens.tokens_html(gen, wrap=False)
+    assert tokens.tokens_html(gen).startswith('<div class="mmspec-tokens">')
+
+
+def test_diff(runs):
+    van, spec = runs["vanilla"], runs["self"]
+    assert van.token_ids == spec.token_ids  # lossless at temperature 0
+    assert "identical" in tokens.diff_html(van, spec)
+    other = copy.deepcopy(spec)
+    other.token_ids[5] = (other.token_ids[5] + 1) % 300
+    assert tokens.first_divergence(van.token_ids, other.token_ids) == 5
+    out = tokens.diff_html(van, other)
+    assert "differs at token 5" in out and "tok-diverge" in out
+    assert tokens.first_divergence([1, 2], [1, 2, 3]) == 2
+    assert "Needs both" in tokens.diff_html(None, spec)
+
+
+# ------------------------------------------------------------------ tree figure
+
+def _trace(fig: go.Figure, name: str):
+    return next(t for t in fig.data if t.name == name)
+
+
+@pytest.mark.parametrize("name", ["self", "random", "random_chain", "ngram"])
+def test_tree_figure_nodes_and_accepted_path(runs, name):
+    gen = runs[name]
+    for step in gen.steps:
+        fig = tree_fig.tree_figure(gen, step.index)
+        nodes = _trace(fig, "nodes")
+        assert len(nodes.x) == len(step.tree) + 1  # one per draft token, plus the root
+        status = list(nodes.customdata)
+        assert status[0] == "root"
+        assert status.count("accepted") == len(step.accepted)
+        assert [i for i, s in enumerate(status[1:]) if s == "accepted"] == sorted(step.accepted)
+        path = _trace(fig, "accepted path")
+        assert list(path.customdata) == [-1] + list(step.accepted)
+        # every node has a labelled box, plus the target's next token when it was committed
+        has_next = len(step.new_tokens) > len(step.accepted)
+        assert len(fig.layout.annotations) == len(step.tree) + 1 + has_next
+        if has_next:
+            assert list(_trace(fig, "next token").customdata)[0] in ("bonus", "correction", "target")
+
+
+def test_tree_figure_marks_rejections_and_target_tokens(runs):
+    gen = runs["random"]
+    step = next(s for s in gen.steps if s.kind == "draft" and s.next_kind == "correction" and len(s.tree) > 2)
+    fig = tree_fig.tree_figure(gen, step.index)
+    status = list(_trace(fig, "nodes").customdata)
+    assert "rejected" in status
+    labels = [a.text for a in fig.layout.annotations]
+    assert any(lab.startswith("<s>") and "target:" in lab for lab in labels)  # struck through, target's token shown
+    assert "correction" in labels[-1]
+    assert tree_fig.node_status(step).count("rejected") >= 1
+
+
+def test_tree_layout_centres_parents():
+    ys, xs = tree_fig.tree_layout([-1, -1, 0, 0, 1])
+    assert xs == [0, 1, 1, 2, 2, 2]
+    assert ys[1] == (ys[3] + ys[4]) / 2 and ys[2] == ys[5]
+    ys, xs = tree_fig.tree_layout([], extra_child_of=-1)
+    assert xs == [0, 1]
+
+
+def test_pick_step_prefers_long_accepts(runs):
+    gen = runs["self"]
+    best = tree_fig.pick_step(gen)
+    assert len(gen.steps[best].accepted) == max(len(s.accepted) for s in gen.steps)
+
+
+# ------------------------------------------------------------------ charts
+
+def test_charts(runs):
+    gen = runs["self"]
+    fig = charts.acceptance_by_depth_figure(gen)
+    assert list(fig.data[0].y) == gen.stats.acceptance_by_depth
+    hist = charts.accepted_length_figure(gen)
+    assert sum(hist.data[0].y) == gen.stats.steps
+    assert charts.accepted_length_figure(runs["vanilla"]).data == ()  # empty figure with a note
+    row = charts.summary_row(1, runs["vanilla"], gen)
+    assert row["output"] == "identical" and row["τ"] == round(gen.stats.tau, 2)
+    table = charts.summary_table([row])
+    assert len(table[0]) == len(charts.SUMMARY_HEADERS)
+    assert len(charts.summary_figure([row]).data) == 1
+
+
+# ------------------------------------------------------------------ internals (synthetic: feature drafters land later)
+
+INFO = {"name": "eagle-vlm", "kind": "feature", "entropy_profile": [2.0, 1.8, 1.5, 1.1, 0.9, 0.8],
+        "chosen_layers": [1, 4], "compression": {"kept": 0.25, "merged": 0.5}}
+VMAP = {"grid": [3, 4], "status": ["kept", "merged", "dropped", "kept"] * 3}
+
+
+def test_entropy_figure():
+    fig = internals.entropy_figure(INFO)
+    line = _trace(fig, "attention entropy")
+    assert list(line.y) == INFO["entropy_profile"]
+    chosen = _trace(fig, "chosen layers")
+    assert list(chosen.x) == [1, 4]
+    assert "chosen: 1, 4" in fig.layout.title.text
+    assert "no per-layer" in internals.entropy_figure({}).layout.annotations[0].text
+
+
+def test_visual_map_figure():
+    img = tiny_models.image(3, size=64)
+    fig = internals.visual_map_figure(img, VMAP)
+    heat = _trace(fig, "visual tokens")
+    assert len(heat.z) == 3 and len(heat.z[0]) == 4
+    assert [list(r) for r in heat.z][0] == [0, 1, 2, 0]
+    assert "6 kept · 3 merged · 3 dropped of 12" in fig.layout.title.text
+    assert _trace(fig, "image") is not None
+    blank = internals.visual_map_figure(None, VMAP)  # offline replay without the picture
+    assert _trace(blank, "no image") is not None
+    bad = internals.visual_map_figure(img, {"grid": [2, 2], "status": ["kept"]})
+    assert "Unreadable" in bad.layout.annotations[0].text
+
+
+def test_internals_present_or_not(runs):
+    gen = copy.deepcopy(runs["random"])
+    assert not internals.has_internals(gen) or internals.extra_info(gen.drafter_info)
+    assert "exposes no internals" in internals.internals_note(gen)
+    gen.drafter_info = dict(INFO)
+    gen.steps[2].extras = {"visual_map": VMAP}
+    assert internals.has_internals(gen)
+    assert internals.find_visual_map(gen, 0) == VMAP  # falls back to the first step that has one
+    assert internals.find_visual_map(gen, 2) == VMAP
+    assert "Internals of" in internals.internals_note(gen)
+    md = internals.info_markdown(gen.drafter_info)
+    assert "| compression |" in md and "6 layers" in md
+
+
+# ------------------------------------------------------------------ race replay and trace files
+
+def test_race_numbers(runs):
+    van, spec = runs["vanilla"], runs["self"]
+    end = race.timeline_s(van, spec)
+    n = race.numbers_at(spec, end)
+    assert n.finished and n.tokens == spec.stats.new_tokens and n.tau == spec.stats.tau
+    assert race.numbers_at(spec, 0.0).tokens == 0
+    mid = race.numbers_at(spec, spec.steps[len(spec.steps) // 2].elapsed_s)
+    assert 0 < mid.tokens < spec.stats.new_tokens and not mid.finished
+    speed, times = race.schedule(0.5, fps=10, min_s=2, max_s=20)
+    assert speed == pytest.approx(0.25) and times[0] == 0 and times[-1] == pytest.approx(0.5) and len(times) == 21
+    speed, times = race.schedule(100, fps=10, min_s=2, max_s=20)
+    assert speed == pytest.approx(5) and "faster" in race.speed_label(speed)
+
+
+def test_trace_roundtrip(runs, tmp_path):
+    bundle = traceio.Bundle(runs["vanilla"], runs["random"], tiny_models.image(1), {7: "x"})
+    path = traceio.save(bundle, tmp_path / "t.json")
+    back = traceio.load(path)
+    assert back.vanilla.token_ids == runs["vanilla"].token_ids
+    assert back.speculative.steps[3].tree == runs["random"].steps[3].tree
+    assert back.image is not None and back.token_texts == {7: "x"}
+    assert tokens.tokens_html(back.speculative) == tokens.tokens_html(runs["random"])
+    # a single saved Generation is accepted too
+    single = tmp_path / "single.json"
+    single.write_text(runs["self"].to_json())
+    one = traceio.load(single)
+    assert one.vanilla is None and one.speculative.token_ids == runs["self"].token_ids
+    for bad in ("not json", json.dumps([1, 2]), json.dumps({"vanilla": {"steps": []}}), json.dumps({"a": 1})):
+        f = tmp_path / "bad.json"
+        f.write_text(bad)
+        with pytest.raises(InputError):
+            traceio.load(f)
