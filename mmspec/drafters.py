@@ -174,6 +174,10 @@ def load_drafter(name: str | None, target, device: str | None = None, dtype: str
         return NgramDrafter()
     if name == "random":
         return RandomDrafter(len(target.tokenizer))
+    from mmspec.feature_drafter import is_feature_drafter, load_feature_drafter
+
+    if is_feature_drafter(name):  # a directory with mmspec_drafter.json: an EAGLE-family drafter
+        return load_feature_drafter(name, target)
     where = _where(name)
     if where == name and "/" not in name:
         raise InputError(f"unknown drafter {name!r}: use one of {', '.join(DRAFTER_KINDS)}, a model directory or a hub id")
