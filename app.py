@@ -183,6 +183,10 @@ def _drafter_list(drafters: list | None) -> list[tuple[str, str]]:
             out.append(("draft VLM (embedded, sees the image)", str(DEFAULT_DRAFT_VLM)))
         if DEFAULT_DRAFT_TEXT.exists():
             out.append(("text-only LM (embedded, blind to the image)", str(DEFAULT_DRAFT_TEXT)))
+        # Feature-level drafters (EAGLE family) trained for the embedded target, best first.
+        for feat in sorted(MODELS_DIR.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name)):
+            if (feat / "mmspec_drafter.json").exists():
+                out.append((f"feature drafter: {feat.name.removeprefix('mmspec-feat-')} (reads target features)", str(feat)))
         for extra in filter(None, (os.environ.get("MMSPEC_DRAFTERS") or "").split(",")):
             out.append((extra.strip(), extra.strip()))
     else:
