@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ from mmspec.feature_drafter import (
     QUERY, TEXT, VARIANTS, FeatNet, FeatureDrafter, Shared, image_grid, load_feature_drafter, make_config,
     plan_entries, rms, save_feature_drafter, size_report,
 )
+from mmspec.train import Schedule
 
 TEXT_FRAC = 0.1  # share of image questions asked without their image (MSD's text-only stage uses them)
 SEED_BASE = 300_000_000  # training seeds (< 10**9); held-out evaluation uses world.held_out_seeds
@@ -433,15 +433,6 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
 # Loop
 
 
-class Schedule:
-    def __init__(self, total, warmup, floor=0.05):
-        self.total, self.warmup, self.floor = total, warmup, floor
-
-    def __call__(self, step):
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def hardware(device) -> str:
@@ -686,7 +677,7 @@ def main(argv=None) -> dict:
     log("[feat] before training: " + "; ".join(f"{v} acc0 {before[v].get('acc0')} loss {before[v]['loss']}" for v in variants))
 
     total = args.steps
-    sched = Schedule(total, warmup=max(3, min(30, total // 10)))
+    sched = Schedule(total, warmup=max(3, min(30, total // 10)), floor=0.05)
     seeds = [SEED_BASE + args.seed * 10_000_000 + i for i in range(total * args.batch * 2)]
     tr_loader = loader(target, seeds, args.batch, workers, args.max_answer)
     reserve = 20 + (args.engine_eval * 2.5 * len(variants) if dev.type == "cuda" else 0)
