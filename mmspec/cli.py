@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree", default="chain:4", help="chain:K | dynamic:BUDGET,DEPTH,TOPK | static:FILE")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--device-map", default=None, help="split the target with accelerate, e.g. auto")
+    g.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap
@@ -55,7 +57,14 @@ def _generate(args) -> int:
     if not args.prompt.strip():
         raise InputError("the prompt is empty")
     image = load_image(args.image) if args.image else None
-    target = load_target(args.target, args.device, args.dtype)
+    max_memory = None
+    if args.max_memory:
+        try:
+            pairs = (item.split("=", 1) for item in args.max_memory.split(","))
+            max_memory = {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
+        except ValueError as e:
+            raise InputError(f"--max-memory wants DEVICE=SIZE[,DEVICE=SIZE...], got {args.max_memory!r}") from e
+    target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory)
     drafter = load_drafter(args.drafter, target)
     gen = generate(target, drafter, image, args.prompt, config)
     if args.trace:

@@ -166,7 +166,7 @@ DRAFTER_KINDS = ("vanilla", "ngram", "random")
 
 def load_drafter(name: str | None, target, device: str | None = None, dtype: str | None = None) -> Drafter | None:
     """`vanilla`/None -> no drafter; `ngram`; `random`; else a model directory or hub id."""
-    from mmspec.load import _where, load_config, load_model, load_processor, same_tokenizer
+    from mmspec.load import _where, last_layer_device, load_config, load_model, load_processor, same_tokenizer
 
     if name in (None, "", "vanilla", "none"):
         return None
@@ -190,5 +190,6 @@ def load_drafter(name: str | None, target, device: str | None = None, dtype: str
             "or different vocabularies); a draft model must use the same tokenizer"
         )
     same = str(name) == str(target.name)
-    model = target.model if same else load_model(name, target.device, target.dtype, config)
+    # A split target computes its logits on its last device: the draft model runs there.
+    model = target.model if same else load_model(name, last_layer_device(target.model), target.dtype, config)
     return ModelDrafter(str(name), model, processor)

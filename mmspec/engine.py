@@ -132,7 +132,8 @@ class Decoder:
         t_start += time.perf_counter() - t_yield
         done = first in eos or len(committed) >= max_new
         if self.drafter is not None and not done:
-            feats = torch.stack([hidden[i][0] for i in layers]) if layers else None
+            # Layers of a split target may sit on several devices; features meet where logits are made.
+            feats = torch.stack([hidden[i][0].to(hidden[-1].device) for i in layers]) if layers else None
             self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt, tm, feats))
         while not done and not self.stopped:
             t_step = time.perf_counter()
@@ -155,8 +156,9 @@ class Decoder:
             rows = [0] + [n + 1 for n in verdict.accepted]
             tm.commit_rows(rows)
             if layers:
-                idx = torch.tensor(rows, device=tgt.device)
-                feats = torch.stack([hidden[i][0].index_select(0, idx) for i in layers])
+                idx = torch.tensor(rows)
+                feats = torch.stack([hidden[i][0].index_select(0, idx.to(hidden[i].device)).to(hidden[-1].device)
+                                     for i in layers])
                 self.drafter.observe(feats, [committed[-1]] + [tree.tokens[n] for n in verdict.accepted])
             c = clock.mark()
             draft_ms, verify_ms = clock.ms(a, b), clock.ms(b, c)

@@ -42,9 +42,10 @@ def keep_rows(cache: DynamicCache, base: int, rows: list[int]) -> None:
     layers = _layers(cache)
     if not layers:
         return
-    idx = torch.tensor(rows, dtype=torch.long, device=layers[0].keys.device) + base
+    idx = torch.tensor(rows, dtype=torch.long) + base
     end = base + len(rows)
-    for layer in layers:
+    for layer in layers:  # layers of a model split over devices live on different devices
+        idx = idx.to(layer.keys.device)
         layer.keys[..., base:end, :] = layer.keys.index_select(-2, idx)
         layer.values[..., base:end, :] = layer.values.index_select(-2, idx)
         layer.keys = layer.keys[..., :end, :]

@@ -132,21 +132,26 @@ def _qwen2_vl_processor(where: str):
     return PilQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype, config=None):
+def load_model(name: str, device: torch.device, dtype: torch.dtype, config=None, split: dict | None = None):
+    """A model on `device`, or split by accelerate when `split` holds `device_map` (e.g. "auto") and
+    optionally `max_memory` / `offload_folder`: layers spread over GPUs, the CPU or the disk."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     where = _where(name)
     config = config or load_config(name)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(where, dtype=dtype)
+        model = auto.from_pretrained(where, dtype=dtype, **(split or {}))
     except Exception as e:  # noqa: BLE001
         raise _offline_hint(name, e) from e
-    return model.to(device).eval()
+    return model.eval() if split else model.to(device).eval()
 
 
-def load_target(name: str | None = None, device: str | None = None, dtype: str | None = None) -> Target:
-    """Load a target VLM (default: the embedded model in assets/)."""
+def load_target(name: str | None = None, device: str | None = None, dtype: str | None = None,
+                device_map: str | dict | None = None, max_memory: dict | None = None,
+                offload_folder: str | None = None) -> Target:
+    """Load a target VLM (default: the embedded model in assets/). With `device_map` the target is
+    split by accelerate; `device` is then where its inputs go (the first module's device)."""
     if name is None:
         if not DEFAULT_TARGET.exists():
             raise InputError(f"no --target given and the embedded default {DEFAULT_TARGET} is missing")
@@ -157,8 +162,29 @@ def load_target(name: str | None = None, device: str | None = None, dtype: str |
     if not hasattr(config, "vision_config"):
         raise InputError(f"{name} is a text-only model ({config.model_type}); the target must be a vision-language model")
     processor = load_processor(name, config)
-    model = load_model(name, dev, dt, config)
+    split = None
+    if device_map is not None:
+        split = {"device_map": device_map, "max_memory": max_memory}
+        if offload_folder:
+            split["offload_folder"] = offload_folder
+    model = load_model(name, dev, dt, config, split)
+    if split:
+        from mmspec.model import execution_device
+
+        dev = execution_device(model)
     return Target(name, model, processor, processor.tokenizer, family_for(config), dev, dt)
+
+
+def last_layer_device(model) -> torch.device:
+    """Where a split model computes its logits: drafters belong there, next to the features they read."""
+    return model.get_output_embeddings().weight.device if not getattr(model, "hf_device_map", None) else (
+        _map_device(model.hf_device_map.get("lm_head", next(reversed(model.hf_device_map.values())))))
+
+
+def _map_device(entry) -> torch.device:
+    if entry in ("cpu", "disk"):
+        return torch.device("cpu")
+    return torch.device(f"cuda:{entry}" if isinstance(entry, int) else entry)
 
 
 def load_image(image: str | Path | Image.Image | None) -> Image.Image:

@@ -13,12 +13,23 @@ from mmspec import kvcache
 from mmspec.families import Family
 
 
+def execution_device(model) -> torch.device:
+    """Where inputs go: the device of the first module, also for a model split by accelerate
+    (`device_map`), whose parameters may sit on several GPUs, the CPU or the disk (meta)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        from mmspec.load import _map_device
+
+        return _map_device(next(iter(device_map.values())))
+    return next(model.parameters()).device
+
+
 class CachedModel:
     def __init__(self, model, family: Family):
         self.model = model
         self.family = family
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.device = execution_device(model)
+        self.dtype = model.dtype
         self.cache = None
         self.committed = 0  # cache entries every new token attends to
         self.rope_offset = 0
