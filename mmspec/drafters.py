@@ -20,7 +20,7 @@ from PIL import Image
 
 from mmspec.errors import InputError
 from mmspec.families import family_for
-from mmspec.model import CachedModel
+from mmspec.model import CachedModel, last_layer_device
 from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
 from mmspec.verify import Sampling, token_probs
 
@@ -166,7 +166,7 @@ DRAFTER_KINDS = ("vanilla", "ngram", "random")
 
 def load_drafter(name: str | None, target, device: str | None = None, dtype: str | None = None) -> Drafter | None:
     """`vanilla`/None -> no drafter; `ngram`; `random`; else a model directory or hub id."""
-    from mmspec.load import _where, last_layer_device, load_config, load_model, load_processor, same_tokenizer
+    from mmspec.load import _where, load_config, load_model, load_processor, same_tokenizer
 
     if name in (None, "", "vanilla", "none"):
         return None

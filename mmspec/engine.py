@@ -213,7 +213,8 @@ class Decoder:
         return StepRecord(
             index=index, kind=kind, tree=tree, node_texts=self._text(tree.tokens),
             target_tokens=verdict.target_tokens if verdict else [],
-            target_texts=self._text(verdict.target_tokens) if verdict else [], target_probs=verdict.target_probs if verdict else [],
+            target_texts=self._text(verdict.target_tokens) if verdict else [],
+            target_probs=verdict.target_probs if verdict else [],
             accepted=accepted, next_token=next_token, next_kind=next_kind, next_text=self._text([next_token])[0],
             new_tokens=new, new_texts=self._text(new), draft_ms=draft_ms, verify_ms=verify_ms, step_ms=step_ms,
             elapsed_s=time.perf_counter() - t_start, extras=proposal.extras,

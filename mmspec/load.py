@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmspec.errors import InputError
 from mmspec.families import Family, family_for
+from mmspec.model import execution_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TARGET = ASSETS / "models" / "mmspec-target"
@@ -169,22 +170,8 @@ def load_target(name: str | None = None, device: str | None = None, dtype: str |
             split["offload_folder"] = offload_folder
     model = load_model(name, dev, dt, config, split)
     if split:
-        from mmspec.model import execution_device
-
         dev = execution_device(model)
     return Target(name, model, processor, processor.tokenizer, family_for(config), dev, dt)
-
-
-def last_layer_device(model) -> torch.device:
-    """Where a split model computes its logits: drafters belong there, next to the features they read."""
-    return model.get_output_embeddings().weight.device if not getattr(model, "hf_device_map", None) else (
-        _map_device(model.hf_device_map.get("lm_head", next(reversed(model.hf_device_map.values())))))
-
-
-def _map_device(entry) -> torch.device:
-    if entry in ("cpu", "disk"):
-        return torch.device("cpu")
-    return torch.device(f"cuda:{entry}" if isinstance(entry, int) else entry)
 
 
 def load_image(image: str | Path | Image.Image | None) -> Image.Image:

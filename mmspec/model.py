@@ -13,15 +13,26 @@ from mmspec import kvcache
 from mmspec.families import Family
 
 
+def _placed(entry) -> torch.device:
+    """A device from an accelerate `hf_device_map` entry (an int GPU index, "cpu", "disk", ...)."""
+    if entry in ("cpu", "disk"):  # disk-offloaded layers are computed on the CPU
+        return torch.device("cpu")
+    return torch.device(f"cuda:{entry}" if isinstance(entry, int) else entry)
+
+
 def execution_device(model) -> torch.device:
     """Where inputs go: the device of the first module, also for a model split by accelerate
     (`device_map`), whose parameters may sit on several GPUs, the CPU or the disk (meta)."""
     device_map = getattr(model, "hf_device_map", None)
-    if device_map:
-        from mmspec.load import _map_device
+    return _placed(next(iter(device_map.values()))) if device_map else next(model.parameters()).device
 
-        return _map_device(next(iter(device_map.values())))
-    return next(model.parameters()).device
+
+def last_layer_device(model) -> torch.device:
+    """Where a (possibly split) model computes its logits: drafters belong there."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return model.get_output_embeddings().weight.device
+    return _placed(device_map.get("lm_head", next(reversed(device_map.values()))))
 
 
 class CachedModel:

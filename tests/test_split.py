@@ -3,7 +3,7 @@ which exercises accelerate's hooks on a CPU-only machine; on GPUs the same path 
 import pytest
 
 from mmspec import DecodeConfig, generate, load_drafter, load_target
-from mmspec.load import last_layer_device
+from mmspec.model import last_layer_device
 from tiny_models import image
 
 PROMPT = "describe the image."
