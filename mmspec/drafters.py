@@ -33,6 +33,8 @@ class DraftContext:
     target: Any  # mmspec.load.Target
     target_cache: Any = None  # the target's CachedModel (AASD-style drafters read its KV cache)
     target_hidden: torch.Tensor | None = None  # [len(target_layers), prompt_len, H] prefill features
+    cache_room: int | None = None  # the engine's fast path: static caches with this room after the prompt
+    cuda_graphs: bool = False
 
 
 class Drafter:
@@ -44,6 +46,9 @@ class Drafter:
 
     def start(self, ctx: DraftContext) -> None:
         pass
+
+    def finish(self) -> None:
+        """After the last step (also when a decode is stopped or fails): give back what start took."""
 
     def observe(self, target_hidden: torch.Tensor, tokens: list[int]) -> None:
         """After each verify: target features [len(target_layers), k, H] at the k positions just
@@ -76,7 +81,8 @@ class ModelDrafter(Drafter):
         return {"name": self.name, "kind": self.kind, "sees_image": self.family.sees_image}
 
     def start(self, ctx: DraftContext) -> None:
-        self.cm = CachedModel(self.model, self.family)
+        self.finish()
+        self.cm = CachedModel(self.model, self.family, ctx.cache_room, ctx.cuda_graphs)
         self.cm.prefill(self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt))
         self.fed = 0
 
@@ -108,6 +114,10 @@ class ModelDrafter(Drafter):
             return grow_tree(expand, spec, not sampling.greedy, gen)
         finally:
             cm.rollback()
+
+    def finish(self) -> None:
+        if self.cm is not None:
+            self.cm.release()
 
 
 class RandomDrafter(Drafter):

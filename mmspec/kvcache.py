@@ -1,13 +1,53 @@
-"""KV-cache bookkeeping over Hugging Face `DynamicCache`: length, crop, keep the accepted path.
+"""KV-cache bookkeeping: length, crop, keep the accepted path; dynamic and preallocated caches.
 
-After a verify forward the cache holds the committed prefix plus every tree node; `keep_rows`
-moves the accepted rows down next to the prefix in place and drops the rest, so accepted tokens
-are never recomputed.
+Two kinds of cache go through the same three functions (`cache_len`, `crop`, `keep_rows`):
+Hugging Face's `DynamicCache` (grows by concatenation; any device, split models included) and
+`StaticKV`, one preallocated buffer pair per layer written in place at `write_pos`, whose fixed
+tensor addresses let a CUDA graph replay a forward (see model.py). After a verify forward the
+cache holds the committed prefix plus every tree node; `keep_rows` moves the accepted rows down
+next to the prefix in place and drops the rest, so accepted tokens are never recomputed.
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+
+class _Rows:
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class StaticKV:
+    """Preallocated K/V of `capacity` positions per layer. Rows at and beyond `length` are stale:
+    attention must mask them (model.py always passes a full [q, capacity] mask with this cache).
+
+    It speaks the part of the transformers cache protocol a decoder layer uses (`update`,
+    `get_seq_length`), not the whole `Cache` class, whose layer API changes between versions.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.layers: list[_Rows] = []
+        self.length = 0
+        self.write_pos: torch.Tensor | None = None  # [q] cache rows the next forward writes
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_Rows())
+        layer = self.layers[layer_idx]
+        if layer.keys is None:  # allocated at the prefill, on the layer's own device and dtype
+            b, h, _, d = key_states.shape
+            layer.keys = key_states.new_zeros(b, h, self.capacity, d)
+            layer.values = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        pos = self.write_pos.to(layer.keys.device)
+        layer.keys.index_copy_(2, pos, key_states)
+        layer.values.index_copy_(2, pos, value_states)
+        return layer.keys, layer.values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
 
 
 def new_cache(model) -> DynamicCache:
@@ -24,29 +64,34 @@ def _layers(cache: DynamicCache):
     return [layer for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
 
 
-def cache_len(cache: DynamicCache) -> int:
+def cache_len(cache: DynamicCache | StaticKV) -> int:
     return cache.get_seq_length()
 
 
-def crop(cache: DynamicCache, length: int) -> None:
+def crop(cache: DynamicCache | StaticKV, length: int) -> None:
+    if isinstance(cache, StaticKV):
+        cache.length = length
+        return
     for layer in _layers(cache):
         layer.keys = layer.keys[..., :length, :]
         layer.values = layer.values[..., :length, :]
 
 
-def keep_rows(cache: DynamicCache, base: int, rows: list[int]) -> None:
+def keep_rows(cache: DynamicCache | StaticKV, base: int, rows: list[int]) -> None:
     """Keep cache[:base] and then the new entries base + rows (in that order); drop the rest."""
-    if rows == list(range(len(rows))):
-        crop(cache, base + len(rows))
-        return
-    layers = _layers(cache)
-    if not layers:
-        return
-    idx = torch.tensor(rows, dtype=torch.long) + base
     end = base + len(rows)
+    if rows == list(range(len(rows))):
+        crop(cache, end)
+        return
+    static = isinstance(cache, StaticKV)
+    layers = [layer for layer in cache.layers if layer.keys is not None] if static else _layers(cache)
+    idx = torch.tensor(rows, dtype=torch.long) + base
     for layer in layers:  # layers of a model split over devices live on different devices
         idx = idx.to(layer.keys.device)
         layer.keys[..., base:end, :] = layer.keys.index_select(-2, idx)
         layer.values[..., base:end, :] = layer.values.index_select(-2, idx)
-        layer.keys = layer.keys[..., :end, :]
-        layer.values = layer.values[..., :end, :]
+        if not static:  # a static buffer keeps its address (CUDA graphs captured it); rows past length are stale
+            layer.keys = layer.keys[..., :end, :]
+            layer.values = layer.values[..., :end, :]
+    if static:
+        cache.length = end

@@ -159,6 +159,10 @@ def load_target(name: str | None = None, device: str | None = None, dtype: str |
         name = str(DEFAULT_TARGET)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cuda":
+        # Decoding changes the key length every step; cuDNN attention builds a plan per new shape
+        # (about 2 ms each on an H100, measured), more than the whole forward of a small target.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     config = load_config(name)
     if not hasattr(config, "vision_config"):
         raise InputError(f"{name} is a text-only model ({config.model_type}); the target must be a vision-language model")

@@ -4,8 +4,17 @@ The target and every model-based drafter go through it: a prefill with the proce
 then forwards of new token ids only, with per-token positions and a tree attention mask. The cache
 holds `committed` entries that every new token sees, plus uncommitted entries (tree nodes fed so
 far) that a new token sees only where `tail_mask` says so.
+
+The fast path (`room` given): a preallocated `StaticKV` of prompt + room positions and a mask over
+all of it built on the device; on one CUDA device each forward of q new tokens is then replayed
+from a CUDA graph captured once per padded size (q rounded up to a power of two; pad rows see only
+the committed prefix and their cache rows are dropped). Static buffers and graphs are leased per
+model and reused by later generations, so capture happens once per size, not once per request.
 """
 from __future__ import annotations
+
+import warnings
+import weakref
 
 import torch
 
@@ -35,8 +44,36 @@ def last_layer_device(model) -> torch.device:
     return _placed(device_map.get("lm_head", next(reversed(device_map.values()))))
 
 
+class _Static:
+    """A leased StaticKV with the graphs captured over it (they hold its buffers' addresses)."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.cache = kvcache.StaticKV(capacity)
+        self.cols = torch.arange(capacity, device=device)
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.graph_error: str | None = None
+
+
+_FREE: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Static]]" = weakref.WeakKeyDictionary()
+
+
+def _lease(model, capacity: int, device: torch.device) -> _Static:
+    free = _FREE.setdefault(model, [])
+    for i, st in enumerate(free):
+        if st.cache.capacity >= capacity:
+            return free.pop(i)
+    return _Static(-(-capacity // 256) * 256, device)  # rounded up so later prompts can reuse it
+
+
+def _bucket(q: int) -> int:
+    return 1 << (q - 1).bit_length()
+
+
 class CachedModel:
-    def __init__(self, model, family: Family):
+    def __init__(self, model, family: Family, room: int | None = None, graphs: bool = False):
+        """room: positions kept free after the prompt for the static fast path (None: DynamicCache).
+        graphs: replay forwards from CUDA graphs (static path on a single CUDA device only)."""
         self.model = model
         self.family = family
         self.device = execution_device(model)
@@ -44,6 +81,16 @@ class CachedModel:
         self.cache = None
         self.committed = 0  # cache entries every new token attends to
         self.rope_offset = 0
+        self.room = room if room is not None and not getattr(model, "hf_device_map", None) else None
+        self.graphs = graphs and self.room is not None and self.device.type == "cuda"
+        self._static: _Static | None = None
+
+    def release(self) -> None:
+        """Give the static buffers (and their graphs) back for the next generation on this model."""
+        if self._static is not None:
+            _FREE.setdefault(self.model, []).append(self._static)
+            self._static = None
+            self.cache = None
 
     @torch.inference_mode()
     def prefill(self, inputs: dict[str, torch.Tensor], hidden: bool = False):
@@ -51,14 +98,36 @@ class CachedModel:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        self.cache = kvcache.new_cache(self.model)
         self.rope_offset = self.family.rope_offset(self.model, inputs)
         pos = self.family.prefill_position_ids(self.model, inputs)
+        extra = {}
+        if self.room is None:
+            self.cache = kvcache.new_cache(self.model)
+        else:
+            self.release()
+            P = inputs["input_ids"].shape[1]
+            st = self._static = _lease(self.model, P + self.room, self.device)
+            self.cache = st.cache
+            self.cache.length = 0
+            rows = torch.arange(P, device=self.device)
+            self.cache.write_pos = rows
+            allowed = st.cols.unsqueeze(0) <= rows.unsqueeze(1)
+            inputs["attention_mask"] = self._additive(allowed)
+            extra["cache_position"] = rows
+            if pos is None:  # the 4-D mask replaces the processor's, so positions are given explicitly
+                pos = self.family.position_ids(rows, 0)
         if pos is not None:
             inputs["position_ids"] = pos
-        out = self.model(**inputs, past_key_values=self.cache, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        out = self.model(**inputs, **extra, past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
+                         logits_to_keep=1)
+        if self.room is not None:
+            self.cache.length = inputs["input_ids"].shape[1]
         self.committed = kvcache.cache_len(self.cache)
         return (out.logits[0, -1], out.hidden_states) if hidden else out.logits[0, -1]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, seq_pos: torch.Tensor, tail_mask: torch.Tensor | None, hidden: bool = False):
@@ -67,6 +136,8 @@ class CachedModel:
         tail_mask [q, T] (bool) says which uncommitted cache entries plus new tokens each token sees
         (T = uncommitted + q); None means plain causal attention.
         """
+        if self.room is not None:
+            return self._forward_static(tokens, seq_pos, tail_mask, hidden)
         q = tokens.shape[0]
         start = kvcache.cache_len(self.cache)
         mask = None
@@ -74,8 +145,7 @@ class CachedModel:
             total = start + q
             allowed = torch.ones(q, total, dtype=torch.bool, device=self.device)
             allowed[:, self.committed :] = tail_mask.to(self.device)
-            mask = torch.zeros(1, 1, q, total, dtype=self.dtype, device=self.device)
-            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            mask = self._additive(allowed)
         pos = self.family.position_ids(seq_pos.to(self.device), self.rope_offset)
         out = self.model(
             input_ids=tokens.to(self.device).unsqueeze(0),
@@ -87,6 +157,65 @@ class CachedModel:
             output_hidden_states=hidden,
         )
         return (out.logits[0], out.hidden_states) if hidden else out.logits[0]
+
+    def _forward_static(self, tokens, seq_pos, tail_mask, hidden):
+        st, dev = self._static, self.device
+        q, start, base = tokens.shape[0], self.cache.length, self.committed
+        graphed = self.graphs and st.graph_error is None
+        Q = _bucket(q) if graphed else q
+        if start + Q > st.cache.capacity:
+            raise RuntimeError(f"static cache overflow: {start} + {Q} > {st.cache.capacity} (room {self.room} too small)")
+        ids = torch.zeros(1, Q, dtype=torch.long)
+        ids[0, :q] = tokens
+        seq = torch.cat([seq_pos, seq_pos[-1:].expand(Q - q)])
+        pos = self.family.position_ids(seq.to(dev), self.rope_offset)
+        T = start - base + q
+        tail = (tail_mask.to(dev) if tail_mask is not None
+                else torch.ones(q, T, dtype=torch.bool, device=dev).tril(T - q))
+        allowed = (st.cols < base).unsqueeze(0).repeat(Q, 1)  # pad rows: the committed prefix only
+        allowed[:q, base : start + q] = tail
+        args = (ids.to(dev), pos, torch.arange(start, start + Q, device=dev), self._additive(allowed))
+        logits, hs = self._replay(st, hidden, *args) if graphed else self._run(st, hidden, *args)
+        self.cache.length = start + q
+        logits = logits[0, :q]
+        return (logits, tuple(h[:, :q] for h in hs)) if hidden else logits
+
+    def _run(self, st: _Static, hidden: bool, ids, pos, rows, mask):
+        st.cache.write_pos = rows
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=st.cache,
+                         cache_position=rows, use_cache=True, output_hidden_states=hidden)
+        return out.logits, (out.hidden_states if hidden else None)
+
+    def _replay(self, st: _Static, hidden: bool, *args):
+        key = (args[0].shape[1], hidden, tuple(args[1].shape))
+        entry = st.graphs.get(key)
+        if entry is None:
+            try:
+                entry = st.graphs[key] = self._capture(st, hidden, args)
+            except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
+                st.graph_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {st.graph_error}", stacklevel=2)
+                return self._run(st, hidden, *args)
+        graph, bufs, logits, hs = entry
+        for buf, new in zip(bufs, args):
+            buf.copy_(new)
+        st.cache.write_pos = bufs[2]
+        graph.replay()
+        # Outputs live in the graph's memory pool, which the next replay overwrites.
+        return logits.clone(), (tuple(h.clone() for h in hs) if hs is not None else None)
+
+    def _capture(self, st: _Static, hidden: bool, args):
+        bufs = tuple(a.clone() for a in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, kernel selection)
+            for _ in range(2):
+                self._run(st, hidden, *bufs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=st.pool):
+            logits, hs = self._run(st, hidden, *bufs)
+        return graph, bufs, logits, hs
 
     @property
     def length(self) -> int:

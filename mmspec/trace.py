@@ -56,8 +56,8 @@ class StepRecord:
     new_tokens: list[int]  # what this step committed, after EOS / max_new_tokens truncation
     new_texts: list[str]
     draft_ms: float
-    verify_ms: float
-    step_ms: float  # whole step, engine overhead included
+    verify_ms: float  # the target's verify forward alone
+    step_ms: float  # whole step, engine overhead included (acceptance rule, cache commit, trace)
     elapsed_s: float  # since the start of generation, at the end of this step (consumer time excluded)
     extras: dict[str, Any] = field(default_factory=dict)  # drafter internals for this step
 

@@ -726,7 +726,7 @@ def main(argv=None) -> dict:
         bar.update(1)
         if step == 10:
             t_measure = (time.time(), step)
-        if deadline and t_measure and step % 10 == 0:
+        if deadline and t_measure and step > t_measure[1] and step % 10 == 0:  # a rate needs steps after the mark
             rate = (step - t_measure[1]) / max(1e-6, time.time() - t_measure[0])
             fit = step + int((deadline - time.time()) * rate)
             if fit < total:

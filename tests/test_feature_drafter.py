@@ -78,6 +78,9 @@ def test_greedy_lossless_every_variant_llava(tiny_dir, variant):
         assert gen.drafter_info["variant"] == variant
         steps = [s for s in gen.steps if s.kind == "draft" and len(s.tree)]
         assert steps and all(s.extras["drafter_forwards"] >= 1 for s in steps)
+    # The fast path: the target's preallocated cache (read by AASD, saliency) and its padded hidden states.
+    gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[-1], static_cache=True))
+    assert gen.token_ids == ref.token_ids, f"{variant} {TREES[-1]} static cache"
 
 
 @pytest.mark.parametrize("variant", ["eagle", "dream", "pool2", "topk", "vispec", "msd", "aasd", "flash"])

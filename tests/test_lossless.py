@@ -52,6 +52,26 @@ def test_greedy_speculative_equals_vanilla(tiny_dir, family, tree):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("tree", ["chain:4", STATIC, "dynamic:16,5,3"])
+def test_static_cache_fast_path_is_lossless(tiny_dir, family, tree):
+    """The preallocated cache (CUDA graphs on top when on a GPU), for the target and a draft model,
+    against vanilla decoding through the growing cache; also vanilla on the fast path."""
+    tgt = target(tiny_dir, family)
+    fast = dict(max_new_tokens=N_NEW, tree=tree, static_cache=True)
+    for name in ["ngram", str(tiny_dir / "text-draft")] + ([str(tiny_dir / "llava-draft")] if family == "llava" else []):
+        drafter = load_drafter(name, tgt)
+        for prompt, seed in PROMPTS:
+            ref = reference(tiny_dir, family, prompt, seed)
+            gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(**fast))
+            assert gen.config["static_cache"] is True
+            assert gen.token_ids == ref.token_ids, f"{family} {name} {tree} {prompt!r} (static cache)"
+    for prompt, seed in PROMPTS:  # twice: the second run reuses the leased buffers (and graphs)
+        for _ in range(2):
+            van = generate(tgt, None, image(seed), prompt, DecodeConfig(**fast))
+            assert van.token_ids == reference(tiny_dir, family, prompt, seed).token_ids
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_perfect_drafter_accepts_everything(tiny_dir, family):
     tgt = target(tiny_dir, family)
     drafter = load_drafter(str(tiny_dir / family), tgt)
@@ -158,3 +178,26 @@ def test_greedy_matches_transformers_generate(tiny_dir):
         out = tgt.model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=None)
     hf = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert hf == ref.token_ids
+
+
+def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
+    """On a GPU every forward is padded to a power of two before its CUDA graph replays; here the
+    padding runs eagerly on the CPU (replay = plain call), so pad rows are checked to change nothing."""
+    from mmspec import drafters, engine, model
+
+    class Padded(model.CachedModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.graphs = self.room is not None
+
+    monkeypatch.setattr(model.CachedModel, "_replay", lambda self, st, hidden, *args: self._run(st, hidden, *args))
+    monkeypatch.setattr(engine, "CachedModel", Padded)
+    monkeypatch.setattr(drafters, "CachedModel", Padded)
+    for family in ["llava", "qwen2vl"]:
+        tgt = target(tiny_dir, family)
+        drafter = load_drafter(str(tiny_dir / "text-draft"), tgt)
+        prompt, seed = PROMPTS[1]
+        ref = reference(tiny_dir, family, prompt, seed)
+        for tree in ["dynamic:16,5,3", "chain:3"]:
+            gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=True))
+            assert gen.token_ids == ref.token_ids, f"{family} {tree} padded"
