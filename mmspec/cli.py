@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--device-map", default=None, help="split the target with accelerate, e.g. auto")
     g.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    g.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto",
+                   help="preallocated KV cache + CUDA graphs: auto = on for a target on one GPU; "
+                        "on = also on the CPU (cache only); off = eager forwards, growing cache")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap
@@ -52,7 +55,8 @@ def _generate(args) -> int:
     from mmspec.trace import save_trace
 
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, tree=args.tree)
+                          seed=args.seed, tree=args.tree,
+                          static_cache={"auto": None, "on": True, "off": False}[args.fast_path])
     config.check()
     if not args.prompt.strip():
         raise InputError("the prompt is empty")

@@ -94,6 +94,12 @@ def test_cli_json_and_trace(tiny_dir, tmp_path):
     assert len(out["token_ids"]) == 12 and isinstance(out["text"], str)
     assert {"tau", "tokens_per_s", "wall_s", "steps"} <= set(out["stats"])
     assert load_trace(trace).token_ids == out["token_ids"]
+    # The fast path (preallocated cache; CUDA graphs only on a GPU) gives the same tokens.
+    fast = _cli("--target", str(tiny_dir / "qwen2vl"), "--drafter", str(tiny_dir / "qwen2vl"), "--image", str(img),
+                "--prompt", "describe the image.", "--max-new-tokens", "12", "--tree", "dynamic:6,3,2", "--json",
+                "--device", "cpu", "--fast-path", "on")
+    assert fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["token_ids"] == out["token_ids"]
 
 
 def test_cli_errors_are_one_line_messages(tiny_dir, tmp_path):
