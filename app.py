@@ -34,7 +34,7 @@ from PIL import Image
 
 from mmspec import DecodeConfig, Decoder, InputError, load_drafter, load_image, load_target
 from mmspec.load import ASSETS, MAX_IMAGE_SIDE, DEFAULT_TARGET
-from viz import charts, internals, race, tokens, traceio, tree_fig
+from viz import bench, charts, internals, race, tokens, traceio, tree_fig
 from viz.style import CSS
 
 try:  # Hugging Face ZeroGPU; optional
@@ -606,6 +606,12 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                 ui.summary_df = gr.Dataframe(headers=charts.SUMMARY_HEADERS, value=[], interactive=False,
                                              label="runs in this browser session", wrap=True)
                 ui.summary_plot = gr.Plot(label="speed-up per run")
+            with gr.Tab("Benchmarks", elem_id="mmspec-bench"):
+                gr.Markdown("Saved results of the repository's benchmarks (not of your runs): decoding speed of every "
+                            "method on held-out prompts, and the projection to 7B models.")
+                for saved in bench.saved_figures():
+                    gr.Markdown(saved.caption)
+                    gr.Plot(saved.figure, label=saved.name)
             with gr.Tab("Trace"):
                 gr.Markdown("Download the trace of the last run (both runs, every step), or upload one to replay it "
                             "here without any model.")

@@ -111,6 +111,13 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
         page.locator("#mmspec-prompt textarea").fill("")
         page.locator("#mmspec-run").click()
         expect(page.locator("#mmspec-status")).to_contain_text("prompt is empty", timeout=30_000)
+
+        # the saved benchmark figures: drawn by plotly, the projection captioned as one
+        page.get_by_role("tab", name="Benchmarks").click()
+        expect(page.get_by_text("Projection, not a measurement")).to_be_visible()
+        expect(page.locator("#mmspec-bench .js-plotly-plot").first).to_be_visible(timeout=30_000)
+        assert page.locator("#mmspec-bench .js-plotly-plot").count() >= 2
+        save_artifact(page, "browser-benchmarks.png", tmp_path)
         assert not errors, errors
     finally:
         demo.close()

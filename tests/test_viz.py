@@ -297,3 +297,20 @@ def test_trace_roundtrip(runs, tmp_path):
         f.write_text(bad)
         with pytest.raises(InputError):
             traceio.load(f)
+
+
+def test_saved_benchmark_figures_are_labelled(tmp_path):
+    """The Benchmarks tab: the repository's saved figures load, projections are captioned as such,
+    measurements name their hardware, and a broken file is skipped rather than breaking the app."""
+    from viz.bench import saved_figures
+
+    saved = {f.name: f for f in saved_figures()}
+    assert {"speed_h100", "speed_cpu", "scale_h100"} <= set(saved)
+    assert "Projection, not a measurement" in saved["scale_h100"].caption
+    assert "projection" in saved["scale_h100"].figure.layout.title.text.lower()
+    assert "Measured" in saved["speed_h100"].caption and "H100" in saved["speed_h100"].caption
+    assert all(len(f.figure.data) > 0 for f in saved.values())
+    assert list(saved)[-1] == "scale_h100"  # measurements first
+    (tmp_path / "broken.fig.json").write_text("{not json")
+    (tmp_path / "speed_x.fig.json").write_text(saved["speed_cpu"].figure.to_json())
+    assert [f.name for f in saved_figures(tmp_path)] == ["speed_x"]
