@@ -166,7 +166,7 @@ class Decoder:
             toks = torch.tensor([committed[-1]] + tree.tokens, dtype=torch.long)
             pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
             chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-            mask = None if chain else tree_attention(tree.parents)
+            mask = None if chain else tree_attention(tree.parents, tm.device)
             b = clock.mark()  # mask and positions are engine overhead, not verification
             if layers:
                 target_logits, hidden = tm.forward(toks, pos, mask, hidden=True)

@@ -260,15 +260,22 @@ def tree_from_paths(continuations: list[tuple[list[int], float]], spec: TreeSpec
     )
 
 
-def tree_attention(parents: list[int]) -> torch.Tensor:
-    """Ancestor-or-self mask over [root] + nodes: row i may attend to column j. Shape [n+1, n+1]."""
+def tree_attention(parents: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Ancestor-or-self mask over [root] + nodes: row i may attend to column j. Shape [n+1, n+1].
+
+    Built with one gather per tree level (not one tensor op per node), on `device`: each round
+    moves every row's pointer one parent up and marks it, the root pointing at itself.
+    """
     n = len(parents)
-    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    up = torch.tensor([0] + [p + 1 for p in parents], dtype=torch.long, device=device)
+    depth = [0] * (n + 1)
+    for i, p in enumerate(parents):  # plain ints: the level count, no tensor work per node
+        depth[i + 1] = depth[p + 1] + 1
+    rows = torch.arange(n + 1, device=device)
+    mask = torch.eye(n + 1, dtype=torch.bool, device=device)
     mask[:, 0] = True
-    mask[0, 0] = True
-    for i, p in enumerate(parents):
-        row = i + 1
-        mask[row, row] = True
-        if p >= 0:
-            mask[row] |= mask[p + 1]
+    cur = rows
+    for _ in range(max(depth) - 1):
+        cur = up[cur]
+        mask[rows, cur] = True
     return mask
