@@ -50,7 +50,7 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device):
         self.cache = kvcache.StaticKV(capacity)
         self.cols = torch.arange(capacity, device=device)
-        self.graphs: dict = {}
+        self.captured: dict = {}  # (padded q, hidden, position shape) -> graph, inputs, outputs
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graph_error: str | None = None
 
@@ -188,10 +188,10 @@ class CachedModel:
 
     def _replay(self, st: _Static, hidden: bool, *args):
         key = (args[0].shape[1], hidden, tuple(args[1].shape))
-        entry = st.graphs.get(key)
+        entry = st.captured.get(key)
         if entry is None:
             try:
-                entry = st.graphs[key] = self._capture(st, hidden, args)
+                entry = st.captured[key] = self._capture(st, hidden, args)
             except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
                 st.graph_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture failed, decoding without graphs: {st.graph_error}", stacklevel=2)

@@ -477,6 +477,15 @@ def aux_loss(feats, aux, head):
     return total / len(AUX_HEADS)
 
 
+def optimizer_step(loss, opt, lr_sched, params) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    lr_sched.step()
+
+
 def make_optimizer(params, lr, wd, device):
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -653,11 +662,7 @@ def stage_target(args):
             loss = lm + args.aux_weight * la
         if args.scale_weight > 0 and "feats" in captured:
             loss = loss + args.scale_weight * feature_scale_penalty(captured["h"], captured["feats"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        optimizer_step(loss, opt, lr_sched, params)
         step += 1
         tokens += int(input_ids.numel())
         loss_acc = lm.detach() if loss_acc is None else loss_acc + lm.detach()
@@ -914,11 +919,7 @@ def stage_drafters(args):
         loss_v, kl_v, ce_v = kl_ce(d_sel, t_sel, tgt, args.ce_weight)
         loss_x, kl_x, ce_x = kl_ce(x_sel, t_sel, tgt, args.ce_weight)
         loss = loss_v + loss_x
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        optimizer_step(loss, opt, lr_sched, params)
         step += 1
         cur = torch.stack([kl_v.detach(), kl_x.detach(), ce_v.detach(), ce_x.detach()])
         acc_d = cur if acc_d is None else acc_d + cur

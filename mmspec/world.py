@@ -642,13 +642,21 @@ def _qa_count(scene, rng):
     return QA("count", prompt, ans, key=n, meta={"what": attr, "value": val})
 
 
-def _qa_color(scene, rng):
+def _pick_object(rng, scene, exclude):
+    """A random object and a phrase that picks it out without naming the asked-for attribute
+    (ref is None when no object can be referred to that way; o is then the last one tried)."""
     objs = list(scene.objects)
     rng.shuffle(objs)
+    ref = None
     for o in objs:
-        ref = _pick_ref(rng, scene, o, exclude=("color",))
+        ref = _pick_ref(rng, scene, o, exclude=exclude)
         if ref:
             break
+    return o, ref
+
+
+def _qa_color(scene, rng):
+    o, ref = _pick_object(rng, scene, ("color",))
     prompt = rng.choice([
         f"What colour is the {ref}?",
         f"What color is the {ref}?",
@@ -666,12 +674,7 @@ def _qa_color(scene, rng):
 
 
 def _qa_shape(scene, rng):
-    objs = list(scene.objects)
-    rng.shuffle(objs)
-    for o in objs:
-        ref = _pick_ref(rng, scene, o, exclude=("shape",))
-        if ref:
-            break
+    o, ref = _pick_object(rng, scene, ("shape",))
     prompt = rng.choice([
         f"What shape is the {ref}?",
         f"What is the shape of the {ref}?",
@@ -689,13 +692,7 @@ def _qa_shape(scene, rng):
 
 
 def _qa_position(scene, rng):
-    objs = list(scene.objects)
-    rng.shuffle(objs)
-    ref = None
-    for o in objs:
-        ref = _pick_ref(rng, scene, o, exclude=("position",))
-        if ref:
-            break
+    o, ref = _pick_object(rng, scene, ("position",))
     if ref is None:
         return None
     prompt = rng.choice([
