@@ -271,8 +271,8 @@ def patch_labels(scene) -> np.ndarray:
     return out
 
 
-def encode_example(enc: Encoder, seed: int, max_answer: int = 400) -> dict:
-    img, qa, scene = sample_example(seed)
+def encode_example(enc: Encoder, seed: int, max_answer: int = 400, kind: str | None = None) -> dict:
+    img, qa, scene = sample_example(seed, kind)
     with_image = qa.needs_image or random.Random(seed ^ 0x5EED).random() < 0.5
     return {
         "aux": patch_labels(scene) if with_image else None,
@@ -287,16 +287,53 @@ def encode_example(enc: Encoder, seed: int, max_answer: int = 400) -> dict:
 
 
 class WorldDataset(torch.utils.data.Dataset):
-    """Example i is sample_example(base + i): generated on the fly in workers."""
+    """Example i is sample_example(base + i): generated on the fly in workers.
 
-    def __init__(self, enc: Encoder, base: int, length: int):
+    With `batch_size` and `qa_weights`, each batch of consecutive indices holds either only
+    descriptions or only short questions (the kind drawn per batch / per example from the weights):
+    a batch is padded to its longest answer, and a 200-token description in a batch of one-line
+    answers would more than double the batch's cost.
+    """
+
+    def __init__(self, enc: Encoder, base: int, length: int, batch_size: int | None = None,
+                 qa_weights: dict[str, float] | None = None):
         self.enc, self.base, self.length = enc, base, length
+        self.batch_size, self.qa_weights = batch_size, qa_weights
 
     def __len__(self):
         return self.length
 
+    def kind_of(self, i: int) -> str | None:
+        if not self.batch_size or not self.qa_weights:
+            return None
+        w = self.qa_weights
+        total = sum(w.values())
+        if random.Random(self.base * 7919 + i // self.batch_size).random() < w.get("describe", 0.0) / total:
+            return "describe"
+        others = [k for k in QA_KINDS if k != "describe" and w.get(k, 0.0) > 0]
+        return random.Random((self.base + i) ^ 0xB0C4E7).choices(others, weights=[w[k] for k in others])[0]
+
     def __getitem__(self, i):
-        return encode_example(self.enc, self.base + i)
+        return encode_example(self.enc, self.base + i, kind=self.kind_of(i))
+
+
+def parse_qa_weights(text: str | None) -> dict[str, float]:
+    """'describe=0.2,shape=0.15' -> QA_WEIGHTS with those kinds changed."""
+    weights = dict(QA_WEIGHTS)
+    for part in filter(None, (text or "").split(",")):
+        kind, _, value = part.partition("=")
+        kind = kind.strip()
+        if kind not in QA_WEIGHTS:
+            raise SystemExit(f"--qa-weights: unknown kind {kind!r}; kinds: {', '.join(QA_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"--qa-weights: {part!r} is not kind=number") from None
+        if weights[kind] < 0:
+            raise SystemExit(f"--qa-weights: {kind} must be >= 0")
+    if sum(weights.values()) <= 0:
+        raise SystemExit("--qa-weights: all weights are zero")
+    return weights
 
 
 class PoolDataset(torch.utils.data.Dataset):
@@ -612,7 +649,8 @@ def stage_target(args):
     bs = args.batch_size
     n_prev_runs = len(prev["info"].get("runs", [1])) if prev else 0
     base = TARGET_SEED_BASE + (args.seed * 10_000_019 + n_prev_runs * 37_000_000) % 400_000_000
-    ds = WorldDataset(enc, base, steps * bs)
+    qa_weights = parse_qa_weights(args.qa_weights)
+    ds = WorldDataset(enc, base, steps * bs, batch_size=bs, qa_weights=qa_weights)
     loader = make_loader(ds, bs, args.num_workers, Collate(ids["pad"]))
     eval_batches = fixed_eval_batches(enc, args.eval_examples, bs, ids["pad"])
 
@@ -724,7 +762,7 @@ def stage_target(args):
     total_time = time.time() - t_start
     this_run = {"steps": step, "batch_size": bs, "lr": args.lr_target, "train_seconds": round(train_time, 1),
                 "stage_seconds": round(total_time, 1), "hardware": hardware(device), "final_eval_loss": round(el, 4),
-                "init_from": args.init_from}
+                "init_from": args.init_from, "qa_weights": qa_weights, "batches_by_kind": True}
     prev_info = prev["info"] if prev else {}
     runs = list(prev_info.get("runs") or ([] if not prev else [{k: prev_info.get(k) for k in this_run}])) + [this_run]
     step_offset = prev_info.get("steps", 0) if prev else 0
@@ -1085,7 +1123,10 @@ def write_card(path, info, kind):
         if len(info.get("runs", [])) > 1:
             lines.append(f"- Trained in {len(info['runs'])} consecutive runs (`--init-from`; fresh optimizer and "
                          f"cosine schedule each): " + "; ".join(
-                             f"{r['steps']} steps x {r['batch_size']}, lr {r['lr']}, {r['train_seconds']} s" for r in info["runs"]) + ".")
+                             f"{r['steps']} steps x {r['batch_size']}, lr {r['lr']}, {r['train_seconds']} s"
+                             + (" (description and question batches apart; kind weights "
+                                + ", ".join(f"{k} {v:.2f}" for k, v in r["qa_weights"].items()) + ")"
+                                if r.get("qa_weights") else "") for r in info["runs"]) + ".")
         if info.get("quick_eval"):
             lines.append(f"- Quick greedy check at the end of training (few held-out images): {info['quick_eval']}.")
     else:
@@ -1186,6 +1227,9 @@ def parse_args(argv=None):
     ap.add_argument("--sample-weight", type=float, default=0.5,
                     help="share of the per-example mean in the target's CE (rest: per-token mean)")
     ap.add_argument("--pool-only", action="store_true", help="distil only on target answers (no fresh batches)")
+    ap.add_argument("--qa-weights", default=None,
+                    help="target: change the prompt-kind mix, e.g. 'describe=0.25,shape=0.15,color=0.05' "
+                         "(default: world.QA_WEIGHTS); batches hold descriptions or questions, not both")
     ap.add_argument("--vocab-size", type=int, default=3000)
     ap.add_argument("--rebuild-tokenizer", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the target during training (untested on GPU)")
