@@ -20,7 +20,9 @@ from PIL import Image
 
 from mmspec.errors import InputError
 from mmspec.families import family_for
+from mmspec.kvcache import to_device
 from mmspec.model import CachedModel, last_layer_device
+from mmspec.trace import DraftTree
 from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
 from mmspec.verify import Sampling, token_probs
 
@@ -86,19 +88,24 @@ class ModelDrafter(Drafter):
         self.cm.prefill(self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt))
         self.fed = 0
 
-    def propose(self, committed, spec, sampling, gen):
+    def _feed_pending(self, committed: list[int]) -> torch.Tensor:
+        """Feed the tokens committed since the last step; returns the logits [1, V] after the last."""
         cm = self.cm
         pending = committed[self.fed :]
+        logits = cm.forward(torch.tensor(pending, dtype=torch.long), torch.arange(cm.committed, cm.committed + len(pending)), None)
+        cm.commit_rows(list(range(len(pending))))
+        self.fed = len(committed)
+        return logits[-1:]
+
+    def propose(self, committed, spec, sampling, gen):
+        cm = self.cm
+        if spec.kind == "chain" and cm.room is not None:
+            return self._propose_chain(committed, spec.depth, sampling, gen)
         fed_nodes: list[int] = []  # pool ids in draft-cache order after the committed part
 
         def expand(pool: TreePool, ids: list[int]) -> torch.Tensor:
             if ids == [-1]:
-                toks = torch.tensor(pending, dtype=torch.long)
-                pos = torch.arange(cm.committed, cm.committed + len(pending))
-                logits = cm.forward(toks, pos, None)
-                cm.commit_rows(list(range(len(pending))))
-                self.fed = len(committed)
-                return draft_probs(logits[-1:], sampling)
+                return draft_probs(self._feed_pending(committed), sampling)
             toks = torch.tensor([pool.tokens[i] for i in ids], dtype=torch.long)
             pos = torch.tensor([cm.committed - 1 + pool.depths[i] for i in ids])
             order = fed_nodes + ids
@@ -114,6 +121,32 @@ class ModelDrafter(Drafter):
             return grow_tree(expand, spec, not sampling.greedy, gen)
         finally:
             cm.rollback()
+
+    def _propose_chain(self, committed, depth, sampling, gen) -> Proposal:
+        """The fast path's chain: each token is picked on the device and fed straight back, so the
+        `depth` forwards are queued without the host ever waiting for one (the tokens reach the host
+        with the target's logits). Sampling draws with Gumbel-max from host noise: exactly q."""
+        cm = self.cm
+        tokens, probs, qdist = [], [], {}
+        try:
+            logits = self._feed_pending(committed)
+            for d in range(depth):
+                q = draft_probs(logits, sampling)[0]
+                qdist[d - 1] = q
+                if sampling.greedy:
+                    token = q.argmax().view(1)
+                else:
+                    u = to_device(torch.rand(q.shape, generator=gen), q.device).clamp_min(1e-20)
+                    token = (q.log() - torch.log(-torch.log(u))).argmax().view(1)
+                tokens.append(token)
+                probs.append(q.gather(0, token))
+                if d + 1 < depth:
+                    logits = cm.forward(token, torch.tensor([cm.committed + d]), None)
+        finally:
+            cm.rollback()
+        tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
+                         draft_probs=[0.0] * depth)
+        return Proposal(tree, qdist, device_tokens=torch.cat(tokens), device_probs=torch.cat(probs))
 
     def finish(self) -> None:
         if self.cm is not None:

@@ -163,16 +163,21 @@ class Decoder:
             b_draft = clock.mark()
             tree = proposal.tree
             root_pos = tm.committed
-            toks = torch.tensor([committed[-1]] + tree.tokens, dtype=torch.long)
+            if proposal.device_tokens is not None:  # drafted on the device: verified from there
+                toks = torch.cat([torch.full((1,), committed[-1], device=proposal.device_tokens.device),
+                                  proposal.device_tokens])
+            else:
+                toks = torch.tensor([committed[-1]] + tree.tokens, dtype=torch.long)
             pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
             chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-            mask = None if chain else tree_attention(tree.parents, tm.device)
+            mask = None if chain else tree_attention(tree.parents)
             b = clock.mark()  # mask and positions are engine overhead, not verification
             if layers:
                 target_logits, hidden = tm.forward(toks, pos, mask, hidden=True)
             else:
                 target_logits = tm.forward(toks, pos, mask)
             c = clock.mark()
+            proposal.resolve()
             verdict = verify(tree, target_logits, sampling, proposal.proposals, gen)
             rows = [0] + [n + 1 for n in verdict.accepted]
             tm.commit_rows(rows)

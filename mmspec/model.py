@@ -13,12 +13,14 @@ model and reused by later generations, so capture happens once per size, not onc
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 
 import torch
 
 from mmspec import kvcache
+from mmspec.kvcache import to_device
 from mmspec.families import Family
 
 
@@ -47,8 +49,8 @@ def last_layer_device(model) -> torch.device:
 class _Static:
     """A leased StaticKV with the graphs captured over it (they hold its buffers' addresses)."""
 
-    def __init__(self, capacity: int, device: torch.device):
-        self.cache = kvcache.StaticKV(capacity)
+    def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
+        self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
         self.captured: dict = {}  # (padded q, hidden, position shape) -> graph, inputs, outputs
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
@@ -63,7 +65,9 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
     for i, st in enumerate(free):
         if st.cache.capacity >= capacity:
             return free.pop(i)
-    return _Static(-(-capacity // 256) * 256, device)  # rounded up so later prompts can reuse it
+    config = getattr(model.config, "text_config", model.config)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
 
 
 def _bucket(q: int) -> int:
@@ -165,57 +169,81 @@ class CachedModel:
         Q = _bucket(q) if graphed else q
         if start + Q > st.cache.capacity:
             raise RuntimeError(f"static cache overflow: {start} + {Q} > {st.cache.capacity} (room {self.room} too small)")
-        ids = torch.zeros(1, Q, dtype=torch.long)
-        ids[0, :q] = tokens
-        seq = torch.cat([seq_pos, seq_pos[-1:].expand(Q - q)])
-        pos = self.family.position_ids(seq.to(dev), self.rope_offset)
+        # Everything the forward needs from the host goes in one int64 tensor and one asynchronous
+        # copy: token ids, cache rows, the committed length, positions and the tail of the mask.
+        # A tail width of 0 means causal attention; the mask itself is built on the device (in the
+        # graph when graphed) from these, so no host-device sync happens before the logits are read.
         T = start - base + q
-        tail = (tail_mask.to(dev) if tail_mask is not None
-                else torch.ones(q, T, dtype=torch.bool, device=dev).tril(T - q))
-        allowed = (st.cols < base).unsqueeze(0).repeat(Q, 1)  # pad rows: the committed prefix only
-        allowed[:q, base : start + q] = tail
-        args = (ids.to(dev), pos, torch.arange(start, start + Q, device=dev), self._additive(allowed))
-        logits, hs = self._replay(st, hidden, *args) if graphed else self._run(st, hidden, *args)
+        W = 0 if tail_mask is None else (_bucket(T) if graphed else T)
+        seq = torch.cat([seq_pos.cpu(), seq_pos[-1:].cpu().expand(Q - q)])
+        pos = self.family.position_ids(seq, self.rope_offset)
+        host = torch.zeros(2 * Q + 1 + pos.numel() + Q * W, dtype=torch.long)
+        on_host = tokens.device.type == "cpu"
+        if on_host:
+            host[:q] = tokens
+        host[Q : 2 * Q] = torch.arange(start, start + Q)
+        host[2 * Q] = base
+        host[2 * Q + 1 : 2 * Q + 1 + pos.numel()] = pos.reshape(-1)
+        if W:
+            host[2 * Q + 1 + pos.numel() :].view(Q, W)[:q, :T] = tail_mask.cpu()
+        packed = to_device(host, dev)
+        if not on_host:  # draft tokens still on the device: a device-to-device copy, no sync
+            packed[:q] = tokens
+        layout = (Q, tuple(pos.shape), W)
+        logits, hs = self._replay(st, hidden, layout, packed) if graphed else self._run(st, hidden, layout, packed)
         self.cache.length = start + q
         logits = logits[0, :q]
         return (logits, tuple(h[:, :q] for h in hs)) if hidden else logits
 
-    def _run(self, st: _Static, hidden: bool, ids, pos, rows, mask):
+    def _run(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
+        """One model call from the packed inputs (also the body of a captured graph)."""
+        Q, pos_shape, W = layout
+        ids, rows, base = packed[:Q].view(1, Q), packed[Q : 2 * Q], packed[2 * Q]
+        n_pos = math.prod(pos_shape)
+        pos = packed[2 * Q + 1 : 2 * Q + 1 + n_pos].view(pos_shape)
+        cols = st.cols.unsqueeze(0)
+        if W == 0:
+            allowed = cols <= rows.unsqueeze(1)
+        else:  # committed columns, then the tail columns base..base+W-1 as the tail mask says
+            tail = packed[2 * Q + 1 + n_pos :].view(Q, W) != 0
+            rel = cols - base
+            in_tail = tail.gather(1, rel.clamp(0, W - 1).expand(Q, -1))
+            allowed = (rel < 0) | (in_tail & (rel < W))
+        mask = torch.zeros(1, 1, Q, st.cols.shape[0], dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         st.cache.write_pos = rows
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=st.cache,
                          cache_position=rows, use_cache=True, output_hidden_states=hidden)
         return out.logits, (out.hidden_states if hidden else None)
 
-    def _replay(self, st: _Static, hidden: bool, *args):
-        key = (args[0].shape[1], hidden, tuple(args[1].shape))
+    def _replay(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
+        key = (layout, hidden)
         entry = st.captured.get(key)
         if entry is None:
             try:
-                entry = st.captured[key] = self._capture(st, hidden, args)
+                entry = st.captured[key] = self._capture(st, hidden, layout, packed)
             except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
                 st.graph_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture failed, decoding without graphs: {st.graph_error}", stacklevel=2)
-                return self._run(st, hidden, *args)
-        graph, bufs, logits, hs = entry
-        for buf, new in zip(bufs, args):
-            buf.copy_(new)
-        st.cache.write_pos = bufs[2]
+                return self._run(st, hidden, layout, packed)
+        graph, buf, logits, hs = entry
+        buf.copy_(packed)
         graph.replay()
         # Outputs live in the graph's memory pool, which the next replay overwrites.
         return logits.clone(), (tuple(h.clone() for h in hs) if hs is not None else None)
 
-    def _capture(self, st: _Static, hidden: bool, args):
-        bufs = tuple(a.clone() for a in args)
+    def _capture(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
+        buf = packed.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, kernel selection)
             for _ in range(2):
-                self._run(st, hidden, *bufs)
+                self._run(st, hidden, layout, buf)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=st.pool):
-            logits, hs = self._run(st, hidden, *bufs)
-        return graph, bufs, logits, hs
+            logits, hs = self._run(st, hidden, layout, buf)
+        return graph, buf, logits, hs
 
     @property
     def length(self) -> int:

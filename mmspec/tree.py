@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from mmspec.errors import InputError
+from mmspec.kvcache import to_device
 from mmspec.trace import DraftTree
 
 
@@ -139,21 +140,39 @@ class Proposal:
     # None marks deterministic proposals (n-gram), verified as point masses.
     proposals: dict[int, torch.Tensor | None]
     extras: dict = field(default_factory=dict)
+    # A drafter that picks its tokens on the device (the fast path's chain) leaves them there, so
+    # the target can verify them without waiting for the host; `resolve` fills the tree afterwards.
+    device_tokens: torch.Tensor | None = None  # [n] in tree order
+    device_probs: torch.Tensor | None = None  # [n] q of each token
+
+    def resolve(self) -> None:
+        """Copy device-chosen tokens into the tree (one device-to-host copy; no-op otherwise)."""
+        if self.device_tokens is None:
+            return
+        tokens, probs = torch.stack([self.device_tokens.double(), self.device_probs.double()]).tolist()
+        self.tree.tokens = [int(t) for t in tokens]
+        self.tree.draft_probs = probs
+        self.device_tokens = self.device_probs = None
 
 
 def _choose(probs: torch.Tensor, k: int, sample: bool, gen: torch.Generator | None):
-    """k children: top-k (greedy) or Gumbel-top-k = k ordered draws without replacement."""
+    """k children of each row of probs [R, V]: top-k (greedy) or Gumbel-top-k = k ordered draws
+    without replacement. One device-to-host copy for all rows; returns (tokens, q, scores) per row."""
     logq = probs.float().log()
     scores = logq
     if sample:
-        u = torch.rand(logq.shape, generator=gen, device="cpu").to(logq.device)
-        scores = logq - torch.log(-torch.log(u.clamp_min(1e-20)))
-    k = min(k, int((probs > 0).sum()))
-    if k <= 0:
-        return [], [], []
-    top = torch.topk(scores, k)
-    idx = top.indices.tolist()
-    return idx, probs[top.indices].tolist(), top.values.tolist()
+        u = torch.rand(logq.shape, generator=gen, device="cpu")
+        scores = logq - torch.log(-torch.log(to_device(u, logq.device).clamp_min(1e-20)))
+    k = min(k, probs.shape[-1])
+    top = torch.topk(scores, k, dim=-1)
+    nonzero = (probs > 0).sum(-1, keepdim=True)  # zero-probability tokens are never children
+    host = torch.cat([top.indices.double(), probs.gather(-1, top.indices).double(), top.values.double(),
+                      nonzero.double()], dim=-1).tolist()
+    out = []
+    for row in host:
+        n = min(k, int(row[-1]))
+        out.append(([int(t) for t in row[:n]], row[k : k + n], row[2 * k : 2 * k + n]))
+    return out
 
 
 def grow_tree(expand: ExpandFn, spec: TreeSpec, sample: bool, gen: torch.Generator | None) -> Proposal:
@@ -171,11 +190,11 @@ def grow_tree(expand: ExpandFn, spec: TreeSpec, sample: bool, gen: torch.Generat
             if not parents:
                 break
             rows = expand(pool, [node_of[p] for p in parents])
-            for prefix, row in zip(parents, rows):
+            wants = [sorted(p[-1] for p in level if p[:-1] == prefix) for prefix in parents]
+            choices = _choose(rows, max(w[-1] for w in wants) + 1, sample, gen)
+            for prefix, row, want, (toks, qs, _) in zip(parents, rows, wants, choices):
                 parent = node_of[prefix]
                 qdist[parent] = row
-                want = sorted(p[-1] for p in level if p[:-1] == prefix)
-                toks, qs, _ = _choose(row, max(want) + 1, sample, gen)
                 for rank in want:
                     if rank < len(toks):
                         node_of[prefix + (rank,)] = pool.add(toks[rank], parent, qs[rank], 0.0)
@@ -186,9 +205,8 @@ def grow_tree(expand: ExpandFn, spec: TreeSpec, sample: bool, gen: torch.Generat
         for depth in range(1, spec.depth + 1):
             rows = expand(pool, frontier)
             new = []
-            for parent, row in zip(frontier, rows):
+            for parent, row, (toks, qs, scores) in zip(frontier, rows, _choose(rows, spec.topk, sample, gen)):
                 qdist[parent] = row
-                toks, qs, scores = _choose(row, spec.topk, sample, gen)
                 base = frontier_key[parent]
                 for t, q, s in zip(toks, qs, scores):
                     # min() keeps a child's key below its parent's, so any top-N cut is a subtree.

@@ -201,3 +201,25 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
         for tree in ["dynamic:16,5,3", "chain:3"]:
             gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=True))
             assert gen.token_ids == ref.token_ids, f"{family} {tree} padded"
+
+
+def test_stacked_static_cache_keeps_the_same_rows_as_per_layer_buffers():
+    """With every layer alike the static cache is one [L, 2, ...] tensor and accepting tree rows is
+    one gather; it must keep exactly what moving rows layer by layer keeps."""
+    from mmspec import kvcache
+
+    torch.manual_seed(0)
+    stacked, per_layer = kvcache.StaticKV(32, n_layers=3), kvcache.StaticKV(32)
+    for cache in (stacked, per_layer):
+        cache.write_pos = torch.arange(20)
+        torch.manual_seed(1)
+        for layer in range(3):
+            cache.update(torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4), layer)
+        cache.length = 20
+        kvcache.keep_rows(cache, 12, [0, 3, 5])
+    assert stacked.stack is not None and per_layer.stack is None
+    assert stacked.length == per_layer.length == 15
+    for a, b in zip(stacked.layers, per_layer.layers):
+        assert torch.equal(a.keys[..., :15, :], b.keys[..., :15, :])
+        assert torch.equal(a.values[..., :15, :], b.values[..., :15, :])
+    assert torch.equal(stacked.layers[1].keys[..., 13, :], stacked.stack[1, 0][..., 15, :])  # row 12+3 moved to 13

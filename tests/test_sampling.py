@@ -129,7 +129,8 @@ def exact_first_two(tgt, prompt, img):
     return table
 
 
-def engine_pair_pvalue(tgt, drafter, tree: str, n: int, prompt="describe the image.", img=None) -> tuple[float, float]:
+def engine_pair_pvalue(tgt, drafter, tree: str, n: int, prompt="describe the image.", img=None,
+                       static_cache: bool | None = None) -> tuple[float, float]:
     """Run the whole engine n times (seeds 0..n-1); chi-square p-value of the first two tokens
     against the exact distribution, and the mean number of accepted drafts per run."""
     img = img if img is not None else image(5)
@@ -141,7 +142,7 @@ def engine_pair_pvalue(tgt, drafter, tree: str, n: int, prompt="describe the ima
     for seed in range(n):
         # 4 tokens leave room to draft 2 deep after the prefill's token; the test looks at the first two.
         cfg = DecodeConfig(max_new_tokens=4, temperature=ENGINE_SAMPLING.temperature, top_p=ENGINE_SAMPLING.top_p,
-                           seed=seed, tree=tree)
+                           seed=seed, tree=tree, static_cache=static_cache)
         dec = Decoder(tgt, drafter, img, prompt, cfg)
         for _ in dec:
             pass
@@ -158,4 +159,14 @@ def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     drafter = load_drafter(str(tiny_dir / "llava-peaky-draft"), tgt)
     pvalue, accepted = engine_pair_pvalue(tgt, drafter, tree, n=1000)
     assert accepted > 0.2, "the drafter should get some drafts accepted, or the test proves little"
+    assert pvalue > 1e-3
+
+
+def test_fast_path_chain_sampling_matches_target_distribution(tiny_dir):
+    """The static fast path drafts a chain on the device (Gumbel-max from host noise, no host
+    round trip per token): still exactly the target's distribution."""
+    tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
+    drafter = load_drafter(str(tiny_dir / "llava-peaky-draft"), tgt)
+    pvalue, accepted = engine_pair_pvalue(tgt, drafter, "chain:3", n=1000, static_cache=True)
+    assert accepted > 0.2
     assert pvalue > 1e-3
