@@ -14,8 +14,9 @@ Methods (ids filter with --methods: substrings or globs, comma-separated):
 Per method and temperature: tokens/s per prompt (median, p10-p90), tau = tokens per target forward
 after the prefill (the prefill token excluded, as in mmspec's Stats), speed-up over engine:vanilla,
 the split of decode-step time (prefill excluded) into draft / verify / engine overhead, and at T=0
-whether every prompt's tokens equal engine:vanilla's. Every method gets one untimed warm-up
-generation (prompt 0, T=0). Prompts: the first n held-out seeds, describe-kind questions (--kind):
+whether every prompt's tokens equal engine:vanilla's. Every method gets an untimed warm-up
+(engine methods: every prompt at every temperature once, so that CUDA graphs of every
+forward size the prompts use are captured before timing; HF methods: one generation). Prompts: the first n held-out seeds, describe-kind questions (--kind):
 the world's longest answers (the embedded target answers the first eight in 24-145 tokens), not
 picked by length.
 A failing method records its error and the run goes on; --time-budget-s stops starting new methods
@@ -262,8 +263,11 @@ class Bench:
         box: dict[str, Any] = {}
 
         def warmup() -> str:
+            # Every prompt once at every temperature, untimed: the fast path captures one CUDA graph
+            # per padded forward size on first use, which a long-running server pays once, not per request.
             box["d"] = self.drafter(drafter_name) if drafter_name else None
-            return self.engine_one(0, box["d"], 0.0, extra)["path"]
+            paths = [self.engine_one(i, box["d"], temp, extra)["path"] for temp in temps for i in range(len(self.prompts))]
+            return paths[0]
 
         self.run_method(method, warmup, lambda i, temp: self.engine_one(i, box["d"], temp, extra), temps)
 
