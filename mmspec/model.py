@@ -5,11 +5,14 @@ then forwards of new token ids only, with per-token positions and a tree attenti
 holds `committed` entries that every new token sees, plus uncommitted entries (tree nodes fed so
 far) that a new token sees only where `tail_mask` says so.
 
-The fast path (`room` given): a preallocated `StaticKV` of prompt + room positions and a mask over
-all of it built on the device; on one CUDA device each forward of q new tokens is then replayed
-from a CUDA graph captured once per padded size (q rounded up to a power of two; pad rows see only
-the committed prefix and their cache rows are dropped). Static buffers and graphs are leased per
-model and reused by later generations, so capture happens once per size, not once per request.
+The fast path (`room` given): a preallocated `StaticKV` of prompt + room positions; a forward's
+inputs (token ids, positions, cache rows, the tree part of the mask) travel in one packed host
+tensor and one asynchronous copy, and the mask over the whole cache is built from them on the
+device. On one CUDA device each forward is replayed from a CUDA graph captured once per layout
+(q and the tree-mask width rounded up to powers of two; pad rows' outputs and cache rows are
+dropped). Token ids may already be on the device (a drafter's device-side chain): then nothing in
+a forward waits for the host. Static buffers and graphs are leased per model and reused by later
+generations, so capture happens once per layout, not once per request.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
         self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
-        self.captured: dict = {}  # (padded q, hidden, position shape) -> graph, inputs, outputs
+        self.captured: dict = {}  # ((padded q, position shape, tail width), hidden) -> graph, input, outputs
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graph_error: str | None = None
 
