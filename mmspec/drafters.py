@@ -20,11 +20,10 @@ from PIL import Image
 
 from mmspec.errors import InputError
 from mmspec.families import family_for
-from mmspec.kvcache import to_device
 from mmspec.model import CachedModel, last_layer_device
 from mmspec.trace import DraftTree
 from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
-from mmspec.verify import Sampling, token_probs
+from mmspec.verify import Sampling, draft_probs
 
 
 @dataclass
@@ -61,11 +60,6 @@ class Drafter:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind}
-
-
-def draft_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The drafter's q: its sampling distribution, or plain softmax for ranking when greedy."""
-    return torch.softmax(logits.float(), -1) if sampling.greedy else token_probs(logits, sampling)
 
 
 class ModelDrafter(Drafter):
@@ -123,30 +117,18 @@ class ModelDrafter(Drafter):
             cm.rollback()
 
     def _propose_chain(self, committed, depth, sampling, gen) -> Proposal:
-        """The fast path's chain: each token is picked on the device and fed straight back, so the
-        `depth` forwards are queued without the host ever waiting for one (the tokens reach the host
-        with the target's logits). Sampling draws with Gumbel-max from host noise: exactly q."""
+        """The fast path's chain, drafted on the device (`CachedModel.draft_chain`): no host round
+        trip per token; the tokens reach the host with the target's logits."""
         cm = self.cm
-        tokens, probs, qdist = [], [], {}
         try:
-            logits = self._feed_pending(committed)
-            for d in range(depth):
-                q = draft_probs(logits, sampling)[0]
-                qdist[d - 1] = q
-                if sampling.greedy:
-                    token = q.argmax().view(1)
-                else:
-                    u = to_device(torch.rand(q.shape, generator=gen), q.device).clamp_min(1e-20)
-                    token = (q.log() - torch.log(-torch.log(u))).argmax().view(1)
-                tokens.append(token)
-                probs.append(q.gather(0, token))
-                if d + 1 < depth:
-                    logits = cm.forward(token, torch.tensor([cm.committed + d]), None)
+            first = self._feed_pending(committed)[0]
+            noise = None if sampling.greedy else torch.rand(depth, first.shape[-1], generator=gen)
+            tokens, probs, q_rows = cm.draft_chain(first, depth, sampling, noise)
         finally:
             cm.rollback()
         tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                          draft_probs=[0.0] * depth)
-        return Proposal(tree, qdist, device_tokens=torch.cat(tokens), device_probs=torch.cat(probs))
+        return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
 
     def finish(self) -> None:
         if self.cm is not None:

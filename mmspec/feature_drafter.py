@@ -55,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters import DraftContext, Drafter, draft_probs
+from mmspec.drafters import DraftContext, Drafter
 from mmspec.errors import InputError
 from mmspec.tree import Proposal, TreePool, grow_tree, tree_attention
+from mmspec.verify import draft_probs
 
 FORMAT = "mmspec-feature-drafter"
 FORMAT_VERSION = 1

@@ -25,6 +25,7 @@ import torch
 from mmspec import kvcache
 from mmspec.kvcache import to_device
 from mmspec.families import Family
+from mmspec.verify import Sampling, draft_probs
 
 
 def _placed(entry) -> torch.device:
@@ -71,6 +72,12 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
     config = getattr(model.config, "text_config", model.config)
     n_layers = getattr(config, "num_hidden_layers", None)
     return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
+
+
+def _cloned(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return tuple(_cloned(y) for y in x) if isinstance(x, tuple) else x
 
 
 def _bucket(q: int) -> int:
@@ -220,33 +227,84 @@ class CachedModel:
         return out.logits, (out.hidden_states if hidden else None)
 
     def _replay(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
-        key = (layout, hidden)
+        return self._graph(st, (layout, hidden), lambda buf: self._run(st, hidden, layout, buf), (packed,))
+
+    def _graph(self, st: _Static, key, body, inputs: tuple):
+        """body(*inputs) replayed from a CUDA graph captured on first use of `key` (inputs are copied
+        into the graph's own buffers); eager, with a warning, if the capture fails."""
         entry = st.captured.get(key)
         if entry is None:
             try:
-                entry = st.captured[key] = self._capture(st, hidden, layout, packed)
+                entry = st.captured[key] = self._capture(st, body, inputs)
             except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
                 st.graph_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture failed, decoding without graphs: {st.graph_error}", stacklevel=2)
-                return self._run(st, hidden, layout, packed)
-        graph, buf, logits, hs = entry
-        buf.copy_(packed)
+                return body(*inputs)
+        graph, bufs, outputs = entry
+        for buf, new in zip(bufs, inputs):
+            if buf is not None:
+                buf.copy_(new)
         graph.replay()
         # Outputs live in the graph's memory pool, which the next replay overwrites.
-        return logits.clone(), (tuple(h.clone() for h in hs) if hs is not None else None)
+        return _cloned(outputs)
 
-    def _capture(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
-        buf = packed.clone()
+    def _capture(self, st: _Static, body, inputs: tuple):
+        bufs = tuple(x.clone() if x is not None else None for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, kernel selection)
             for _ in range(2):
-                self._run(st, hidden, layout, buf)
+                body(*bufs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=st.pool):
-            logits, hs = self._run(st, hidden, layout, buf)
-        return graph, buf, logits, hs
+            outputs = body(*bufs)
+        return graph, bufs, outputs
+
+    @torch.inference_mode()
+    def draft_chain(self, first: torch.Tensor, depth: int, sampling: Sampling, noise: torch.Tensor | None):
+        """`depth` tokens drafted one after another after the committed prefix, all on the device:
+        each picked from q = draft_probs(logits) (argmax, or Gumbel-max with `noise` [depth, V] of
+        uniform draws: a sample of q) and fed straight back. first: logits [V] after the last
+        committed token. On CUDA the whole chain is one graph (one launch for depth - 1 forwards).
+        Returns the tokens [depth], their q [depth] and the q rows [depth, V]; the rows fed stay
+        uncommitted."""
+        st, start = self._static, self.cache.length
+        if st is None or start != self.committed:
+            raise RuntimeError("draft_chain needs the static fast path and no uncommitted rows")
+        if start + depth > st.cache.capacity:
+            raise RuntimeError(f"static cache overflow: {start} + {depth} > {st.cache.capacity}")
+        ints = to_device(torch.tensor([start, start + self.rope_offset]), self.device)
+        if noise is not None:
+            noise = to_device(noise.clamp_min(1e-20), self.device)
+        inputs = (ints, first, noise)
+        body = lambda *bufs: self._chain_body(st, depth, sampling, *bufs)  # noqa: E731
+        graphed = self.graphs and st.graph_error is None
+        out = self._graph(st, ("chain", depth, sampling, noise is None), body, inputs) if graphed else body(*inputs)
+        self.cache.length = start + depth - 1
+        return out
+
+    def _chain_body(self, st: _Static, depth: int, sampling: Sampling, ints, first, noise):
+        row0, seq0 = ints[0], ints[1]  # first cache row to write; its rope position (offset included)
+        cols = st.cols.unsqueeze(0)
+        logits, tokens, probs, rows = first, [], [], []
+        for d in range(depth):
+            q = draft_probs(logits.unsqueeze(0), sampling)[0]
+            score = q.log() if noise is None else q.log() - torch.log(-torch.log(noise[d]))
+            token = score.argmax().view(1)
+            tokens.append(token)
+            probs.append(q.gather(0, token))
+            rows.append(q)
+            if d + 1 < depth:
+                row = (row0 + d).view(1)
+                mask = torch.zeros(1, 1, 1, cols.shape[1], dtype=self.dtype, device=self.device)
+                mask.masked_fill_(cols > row.unsqueeze(1), torch.finfo(self.dtype).min)
+                st.cache.write_pos = row
+                out = self.model(input_ids=token.view(1, 1), attention_mask=mask,
+                                 position_ids=self.family.position_ids((seq0 + d).view(1), 0),
+                                 past_key_values=st.cache, cache_position=row, use_cache=True)
+                logits = out.logits[0, -1]
+        return torch.cat(tokens), torch.cat(probs), torch.stack(rows)
 
     @property
     def length(self) -> int:

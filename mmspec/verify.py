@@ -9,7 +9,7 @@ probability r(c_i), else zero c_i out of r. If no child is accepted the next tok
 Each committed token is then distributed exactly as the target's own sample.
 
 `token_probs` is the one place logits become sampling probabilities (temperature, top-p); drafters
-use it too, so that draft and target are warped the same way.
+use it too (through `draft_probs`), so that draft and target are warped the same way.
 """
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def draft_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """A drafter's q: its sampling distribution, or plain softmax for ranking when greedy."""
+    return torch.softmax(logits.float(), -1) if sampling.greedy else token_probs(logits, sampling)
 
 
 @dataclass

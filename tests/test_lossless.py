@@ -181,8 +181,9 @@ def test_greedy_matches_transformers_generate(tiny_dir):
 
 
 def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
-    """On a GPU every forward is padded to a power of two before its CUDA graph replays; here the
-    padding runs eagerly on the CPU (replay = plain call), so pad rows are checked to change nothing."""
+    """On a GPU every forward is padded to a power of two before its CUDA graph replays (and a chain
+    is drafted in one graph); here the graphs' bodies run eagerly on the CPU (replay = plain call),
+    so pad rows are checked to change nothing."""
     from mmspec import drafters, engine, model
 
     class Padded(model.CachedModel):
@@ -190,7 +191,7 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
             super().__init__(*args, **kwargs)
             self.graphs = self.room is not None
 
-    monkeypatch.setattr(model.CachedModel, "_replay", lambda self, st, hidden, *args: self._run(st, hidden, *args))
+    monkeypatch.setattr(model.CachedModel, "_graph", lambda self, st, key, body, inputs: body(*inputs))
     monkeypatch.setattr(engine, "CachedModel", Padded)
     monkeypatch.setattr(drafters, "CachedModel", Padded)
     for family in ["llava", "qwen2vl"]:
