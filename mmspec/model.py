@@ -25,7 +25,7 @@ import torch
 from mmspec import kvcache
 from mmspec.kvcache import to_device
 from mmspec.families import Family
-from mmspec.verify import Sampling, draft_probs
+from mmspec.verify import Sampling, draft_probs, gumbel_scores
 
 
 def _placed(entry) -> torch.device:
@@ -56,7 +56,7 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
         self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
-        self.captured: dict = {}  # ((padded q, position shape, tail width), hidden) -> graph, input, outputs
+        self.captured: dict = {}  # forward: ((padded q, position shape, tail width), hidden); chain: ("chain", depth, sampling, greedy) -> graph, inputs, outputs
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graph_error: str | None = None
 
@@ -219,10 +219,8 @@ class CachedModel:
             rel = cols - base
             in_tail = tail.gather(1, rel.clamp(0, W - 1).expand(Q, -1))
             allowed = (rel < 0) | (in_tail & (rel < W))
-        mask = torch.zeros(1, 1, Q, st.cols.shape[0], dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         st.cache.write_pos = rows
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=st.cache,
+        out = self.model(input_ids=ids, attention_mask=self._additive(allowed), position_ids=pos, past_key_values=st.cache,
                          cache_position=rows, use_cache=True, output_hidden_states=hidden)
         return out.logits, (out.hidden_states if hidden else None)
 
@@ -276,7 +274,7 @@ class CachedModel:
             raise RuntimeError(f"static cache overflow: {start} + {depth} > {st.cache.capacity}")
         ints = to_device(torch.tensor([start, start + self.rope_offset]), self.device)
         if noise is not None:
-            noise = to_device(noise.clamp_min(1e-20), self.device)
+            noise = to_device(noise, self.device)
         inputs = (ints, first, noise)
         body = lambda *bufs: self._chain_body(st, depth, sampling, *bufs)  # noqa: E731
         graphed = self.graphs and st.graph_error is None
@@ -290,17 +288,15 @@ class CachedModel:
         logits, tokens, probs, rows = first, [], [], []
         for d in range(depth):
             q = draft_probs(logits.unsqueeze(0), sampling)[0]
-            score = q.log() if noise is None else q.log() - torch.log(-torch.log(noise[d]))
+            score = q.log() if noise is None else gumbel_scores(q.log(), noise[d])
             token = score.argmax().view(1)
             tokens.append(token)
             probs.append(q.gather(0, token))
             rows.append(q)
             if d + 1 < depth:
                 row = (row0 + d).view(1)
-                mask = torch.zeros(1, 1, 1, cols.shape[1], dtype=self.dtype, device=self.device)
-                mask.masked_fill_(cols > row.unsqueeze(1), torch.finfo(self.dtype).min)
                 st.cache.write_pos = row
-                out = self.model(input_ids=token.view(1, 1), attention_mask=mask,
+                out = self.model(input_ids=token.view(1, 1), attention_mask=self._additive(cols <= row.unsqueeze(1)),
                                  position_ids=self.family.position_ids((seq0 + d).view(1), 0),
                                  past_key_values=st.cache, cache_position=row, use_cache=True)
                 logits = out.logits[0, -1]

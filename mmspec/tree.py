@@ -24,6 +24,7 @@ import torch
 from mmspec.errors import InputError
 from mmspec.kvcache import to_device
 from mmspec.trace import DraftTree
+from mmspec.verify import gumbel_scores
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _choose(probs: torch.Tensor, k: int, sample: bool, gen: torch.Generator | No
     scores = logq
     if sample:
         u = torch.rand(logq.shape, generator=gen, device="cpu")
-        scores = logq - torch.log(-torch.log(to_device(u, logq.device).clamp_min(1e-20)))
+        scores = gumbel_scores(logq, to_device(u, logq.device))
     k = min(k, probs.shape[-1])
     top = torch.topk(scores, k, dim=-1)
     nonzero = (probs > 0).sum(-1, keepdim=True)  # zero-probability tokens are never children

@@ -51,6 +51,12 @@ def draft_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return torch.softmax(logits.float(), -1) if sampling.greedy else token_probs(logits, sampling)
 
 
+def gumbel_scores(logq: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """log q + Gumbel noise from uniform draws: the order of the scores is a sequence of draws from q
+    without replacement (its argmax is one sample), on whatever device the inputs are."""
+    return logq - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+
+
 @dataclass
 class Verdict:
     accepted: list[int]  # node indices, root to leaf
