@@ -192,8 +192,9 @@ def time_target(model, tiny: bool, paths: list[str], qs: list[int], room: int, w
         # the last prefill's cache stays: every verify attends to it
         steps = time_steps(cm, qs, ("tree", "causal"), warm, reps)
         out[path] = {"prompt_tokens": cm.committed, "prefill_ms": prefill, **steps}
-        error = getattr(getattr(cm, "_static", None), "graph_error", None)  # set when a capture fell back to eager
-        out[path].update(cuda_graphs=cm.graphs and error is None, graph_error=error)
+        # set per kind ("prefill", "decode") when a capture fell back to eager
+        error = getattr(getattr(cm, "_static", None), "graph_error", None) or None
+        out[path].update(cuda_graphs=cm.graphs and not (error or {}).get("decode"), graph_error=error)
         cm.release()
         print(f"[scale]   {path}: prefill {prefill['median']:.1f} ms ({cm.committed} tokens, vision tower included); "
               + ", ".join(f"q={q} {v['median']:.2f}/{out[path]['causal'][q]['median']:.2f}"

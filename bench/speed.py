@@ -13,6 +13,8 @@ Methods (ids filter with --methods: substrings or globs, comma-separated):
                                  method at T=0 again with cuda_graphs=False (the fast path's effect)
 Per method and temperature: tokens/s per prompt (median, p10-p90), tau = tokens per target forward
 after the prefill (the prefill token excluded, as in mmspec's Stats), speed-up over engine:vanilla,
+for engine methods also decode tokens/s and speed-up over the decode steps alone and the mean
+prefill and drafter-start ms (what end to end adds to them),
 the split of decode-step time (prefill excluded) into draft / verify / engine overhead, and at T=0
 whether every prompt's tokens equal engine:vanilla's. Every method gets an untimed warm-up
 (engine methods: every prompt at every temperature once, so that CUDA graphs of every
@@ -138,8 +140,13 @@ class Bench:
         steps = [s for s in g.steps if s.kind != "prefill"]
         d, v = sum(s.draft_ms for s in steps), sum(s.verify_ms for s in steps)
         path = [k.replace("_", " ") for k in ("static_cache", "cuda_graphs") if g.config.get(k)]
+        step_ms = sum(s.step_ms for s in steps)
+        # Wall time = prefill + the drafter's start (its own prefill) + decode steps.
+        prefill_ms = g.stats.prefill_ms
+        start_ms = max(0.0, g.stats.wall_s * 1000 - prefill_ms - step_ms)
         return {"tokens": g.token_ids, "tps": g.stats.tokens_per_s, "forwards": len(steps), "draft_ms": d,
-                "verify_ms": v, "overhead_ms": max(0.0, sum(s.step_ms for s in steps) - d - v),
+                "verify_ms": v, "overhead_ms": max(0.0, step_ms - d - v), "prefill_ms": prefill_ms,
+                "start_ms": start_ms, "decode_tps": (len(g.token_ids) - 1) / (step_ms / 1000) if step_ms else None,
                 "path": " + ".join(path) or "eager"}
 
     def hf_one(self, i: int, temp: float, extra: dict, count: bool) -> Record:
@@ -208,6 +215,13 @@ class Bench:
         row["speedup"] = row["tokens_per_s"] / statistics.median(r["tps"] for r in base) if base else None
         row["lossless"] = (all(r["tokens"] == b["tokens"] for r, b in zip(recs, base)) and len(recs) == len(base)
                            if temp == 0 and base else None)
+        if recs[0].get("decode_tps") is not None and all(r["decode_tps"] for r in recs):
+            # Decode steps alone (prefill and drafter start excluded): what speculation changes.
+            row["decode_tokens_per_s"] = statistics.median(r["decode_tps"] for r in recs)
+            row["prefill_ms"] = statistics.mean(r["prefill_ms"] for r in recs)
+            row["drafter_start_ms"] = statistics.mean(r["start_ms"] for r in recs)
+            if base and all(b.get("decode_tps") for b in base):
+                row["decode_speedup"] = row["decode_tokens_per_s"] / statistics.median(b["decode_tps"] for b in base)
         if "draft_ms" in recs[0]:
             parts = {k: sum(r[f"{k}_ms"] for r in recs) for k in ("draft", "verify", "overhead")}
             total = sum(parts.values()) or 1.0
@@ -299,20 +313,25 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['kind']} prompts, max {meta['max_new_tokens']} new tokens, torch {meta['torch']}, "
              f"transformers {meta['transformers']}", ""]
     for temp in meta["temperatures"]:
-        lines += [f"## T={temp:g}", "", "| method | tokens/s median (p10–p90) | tau | speed-up | draft % | verify % | "
-                  "overhead % | = vanilla | note/error |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## T={temp:g}", "", "| method | tokens/s median (p10–p90) | tau | speed-up | decode tok/s | "
+                  "decode speed-up | prefill + drafter start ms | draft % | verify % | overhead % | = vanilla | "
+                  "note/error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["temperature"] == temp):
             if r.get("error"):
-                lines.append(f"| {r['method']} | - | - | - | - | - | - | - | {r['error'][:200].replace('|', '/')} |")
+                lines.append(f"| {r['method']} | - | - | - | - | - | - | - | - | - | - | "
+                             f"{r['error'][:200].replace('|', '/')} |")
                 continue
             lines.append(
                 f"| {r['method']} | {r['tokens_per_s']:.1f} ({r['tokens_per_s_p10']:.1f}–{r['tokens_per_s_p90']:.1f}) | "
-                f"{fmt(r['tau'], '.2f')} | {fmt(r['speedup'], '.2f')}x | {fmt(r.get('draft_pct'), '.0f')} | "
+                f"{fmt(r['tau'], '.2f')} | {fmt(r['speedup'], '.2f')}x | {fmt(r.get('decode_tokens_per_s'), '.1f')} | "
+                f"{fmt(r.get('decode_speedup'), '.2f')}x | {fmt(r.get('prefill_ms'), '.1f')} + "
+                f"{fmt(r.get('drafter_start_ms'), '.1f')} | {fmt(r.get('draft_pct'), '.0f')} | "
                 f"{fmt(r.get('verify_pct'), '.0f')} | {fmt(r.get('overhead_pct'), '.0f')} | {fmt(r['lossless'], '')} | "
                 f"{r['note']} |")
         lines.append("")
-    lines.append("tau: tokens per target forward after the prefill. draft/verify/overhead: shares of decode-step "
-                 "time (prefill excluded). = vanilla: every prompt's tokens equal engine:vanilla's (T=0 only).")
+    lines.append("tau: tokens per target forward after the prefill. decode tok/s: tokens after the first over the "
+                 "decode steps' time (prefill and drafter start excluded). draft/verify/overhead: shares of decode-step "
+                 "time. = vanilla: every prompt's tokens equal engine:vanilla's (T=0 only).")
     return "\n".join(lines) + "\n"
 
 
@@ -349,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--kind", default="describe", help="world question kind of the prompts, or 'mix'")
     ap.add_argument("--methods", default="", help="comma-separated substrings or globs of method ids")
-    ap.add_argument("--trees", default="chain:4;dynamic:24,5,4", help="semicolon-separated tree specs")
+    ap.add_argument("--trees", default="chain:4;chain:12;dynamic:24,5,4", help="semicolon-separated tree specs")
     ap.add_argument("--hf-cache", default="both", choices=["both", "dynamic", "static"],
                     help="hf:generate's cache(s); static runs last: on CUDA it compiles for an unknown time")
     ap.add_argument("--time-budget-s", type=float, default=float("inf"))

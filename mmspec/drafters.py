@@ -36,6 +36,7 @@ class DraftContext:
     target_hidden: torch.Tensor | None = None  # [len(target_layers), prompt_len, H] prefill features
     cache_room: int | None = None  # the engine's fast path: static caches with this room after the prompt
     cuda_graphs: bool = False
+    target_inputs: dict[str, torch.Tensor] | None = None  # the processor's output the target prefilled with
 
 
 class Drafter:
@@ -72,6 +73,8 @@ class ModelDrafter(Drafter):
         self.family = family_for(model.config)
         self.cm: CachedModel | None = None
         self.fed = 0  # generated tokens already in the draft cache
+        self._processor_check: tuple[int | None, bool] = (None, False)  # (id of the target's processor, same?)
+        self._device_gen: torch.Generator | None = None
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "sees_image": self.family.sees_image}
@@ -79,8 +82,28 @@ class ModelDrafter(Drafter):
     def start(self, ctx: DraftContext) -> None:
         self.finish()
         self.cm = CachedModel(self.model, self.family, ctx.cache_room, ctx.cuda_graphs)
-        self.cm.prefill(self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt))
+        if ctx.target_inputs is not None and self._same_processor(ctx.target):
+            inputs = ctx.target_inputs  # processing the image again would give the very same tensors
+        else:
+            inputs = self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt)
+        self.cm.prefill(inputs)
         self.fed = 0
+        self._device_gen = None  # seeded from the request's generator at its first sampled chain
+
+    def _same_processor(self, target) -> bool:
+        """Whether this draft model's processor turns (image, prompt) into the target's inputs:
+        same family, image processing, vocabulary and chat template (checked once per target)."""
+        key = id(target.processor)
+        if self._processor_check[0] != key:
+            mine, theirs = self.processor, target.processor
+            tok = lambda p: getattr(p, "tokenizer", p)  # noqa: E731
+            image_cfg = lambda p: getattr(getattr(p, "image_processor", None), "to_dict", dict)()  # noqa: E731
+            same = (self.family.name == target.family.name and self.family.sees_image
+                    and image_cfg(mine) == image_cfg(theirs)
+                    and getattr(mine, "chat_template", None) == getattr(theirs, "chat_template", None)
+                    and tok(mine).get_vocab() == tok(theirs).get_vocab())
+            self._processor_check = (key, same)
+        return self._processor_check[1]
 
     def _feed_pending(self, committed: list[int]) -> torch.Tensor:
         """Feed the tokens committed since the last step; returns the logits [1, V] after the last."""
@@ -122,13 +145,24 @@ class ModelDrafter(Drafter):
         cm = self.cm
         try:
             first = self._feed_pending(committed)[0]
-            noise = None if sampling.greedy else torch.rand(depth, first.shape[-1], generator=gen)
+            noise = None if sampling.greedy else self._uniforms(depth, first.shape[-1], first.device, gen)
             tokens, probs, q_rows = cm.draft_chain(first, depth, sampling, noise)
         finally:
             cm.rollback()
         tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                          draft_probs=[0.0] * depth)
         return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
+
+    def _uniforms(self, depth: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+        """depth x vocab uniform draws for the chain's Gumbel-max sampling. On a GPU they are drawn
+        there, from a generator seeded once per request from `gen` (still reproducible per seed):
+        for a real vocabulary, drawing them on the host and copying would cost milliseconds a step."""
+        if device.type == "cpu":
+            return torch.rand(depth, vocab, generator=gen)
+        if self._device_gen is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            self._device_gen = torch.Generator(device).manual_seed(seed)
+        return torch.rand(depth, vocab, generator=self._device_gen, device=device)
 
     def finish(self) -> None:
         if self.cm is not None:

@@ -20,7 +20,7 @@ from mmspec.load import Target, load_image
 from mmspec.model import CachedModel
 from mmspec.trace import DraftTree, Generation, StepRecord, compute_stats
 from mmspec.tree import NO_TREE, Proposal, TreeSpec, parse_tree_spec, tree_attention
-from mmspec.verify import Sampling, token_probs, verify
+from mmspec.verify import Sampling, score, token_probs, verify
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -90,13 +90,19 @@ class Decoder:
         self.result: Generation | None = None
         self.stopped = False
         self.target_cache: CachedModel | None = None  # exposed for tests and tools
+        self._pieces: dict[int, str] = {}  # token id -> its text
 
     def stop(self) -> None:
         """Ask a running decode to finish after the current step (the result is kept)."""
         self.stopped = True
 
     def _text(self, ids: list[int]) -> list[str]:
-        return [self.target.tokenizer.decode([t]) for t in ids]
+        # Every step shows its tokens as text; one tokenizer call per distinct id, not per mention.
+        pieces = self._pieces
+        for t in ids:
+            if t not in pieces:
+                pieces[t] = self.target.tokenizer.decode([t])
+        return [pieces[t] for t in ids]
 
     def __iter__(self) -> Iterator[StepRecord]:
         tgt, cfg = self.target, self.config
@@ -153,7 +159,8 @@ class Decoder:
         if self.drafter is not None and not done:
             # Layers of a split target may sit on several devices; features meet where logits are made.
             feats = torch.stack([hidden[i][0].to(hidden[-1].device) for i in layers]) if layers else None
-            self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt, tm, feats, cache_room, graphs))
+            self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt, tm, feats, cache_room, graphs,
+                                            inputs))
         while not done and not self.stopped:
             t_step = time.perf_counter()
             step_spec = spec.limited(max_new - len(committed) - 1)
@@ -176,9 +183,12 @@ class Decoder:
                 target_logits, hidden = tm.forward(toks, pos, mask, hidden=True)
             else:
                 target_logits = tm.forward(toks, pos, mask)
+            # Verification's reductions go to the device queue behind the forward; the host then
+            # waits once, for a few numbers per node rather than the logits.
+            scores = score(target_logits, toks, tree.parents, sampling, proposal.proposals)
             c = clock.mark()
             proposal.resolve()
-            verdict = verify(tree, target_logits, sampling, proposal.proposals, gen)
+            verdict = verify(tree, target_logits, sampling, proposal.proposals, gen, scores)
             rows = [0] + [n + 1 for n in verdict.accepted]
             tm.commit_rows(rows)
             observe_ms = 0.0
@@ -189,8 +199,8 @@ class Decoder:
                 o = clock.mark()
                 self.drafter.observe(feats, [committed[-1]] + [tree.tokens[n] for n in verdict.accepted])
                 observe_ms = clock.ms(o, clock.mark())
-            # verify_ms is the target's forward alone; the acceptance rule, cache commit and trace
-            # building land in the step's overhead (step_ms - draft_ms - verify_ms).
+            # verify_ms is the target's forward and the reductions above; the acceptance rule, cache
+            # commit and trace building land in the step's overhead (step_ms - draft_ms - verify_ms).
             draft_ms, verify_ms = clock.ms(a, b_draft) + observe_ms, clock.ms(b, c)
             new = [tree.tokens[n] for n in verdict.accepted] + [verdict.next_token]
             new = new[: max_new - len(committed)]

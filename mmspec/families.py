@@ -10,7 +10,8 @@ and listing it in `FAMILIES`.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -44,10 +45,31 @@ class Family:
     def position_ids(self, seq_pos: torch.Tensor, offset: int) -> torch.Tensor:
         return (seq_pos + offset).unsqueeze(0)
 
+    @contextmanager
+    def graph_capture(self, model) -> Iterator[None]:
+        """Held while a CUDA graph of this family's forward is captured (and test-run before it)."""
+        yield
+
 
 class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava", "llava_next", "idefics3", "smolvlm", "gemma3", "paligemma", "mistral3")
+
+    @contextmanager
+    def graph_capture(self, model) -> Iterator[None]:
+        # transformers' get_placeholder_mask formats the device-side image-token count into its
+        # error message even when the check passes: a host sync, which a capture forbids. The
+        # prefill's first, eager run keeps the check; the capture uses the bare mask.
+        inner = getattr(model, "model", None)
+        token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+        if inner is None or token is None or not hasattr(inner, "get_placeholder_mask"):
+            yield
+            return
+        inner.get_placeholder_mask = lambda input_ids, inputs_embeds, image_features: (input_ids == token).unsqueeze(-1)
+        try:
+            yield
+        finally:
+            del inner.get_placeholder_mask
 
 
 class TextFamily(Family):

@@ -10,15 +10,18 @@ inputs (token ids, positions, cache rows, the tree part of the mask) travel in o
 tensor and one asynchronous copy, and the mask over the whole cache is built from them on the
 device. On one CUDA device each forward is replayed from a CUDA graph captured once per layout
 (q and the tree-mask width rounded up to powers of two; pad rows' outputs and cache rows are
-dropped). Token ids may already be on the device (a drafter's device-side chain): then nothing in
+dropped), and so is the prefill (prompt length rounded up to 64, one graph per length and image
+layout). Token ids may already be on the device (a drafter's device-side chain): then nothing in
 a forward waits for the host. Static buffers and graphs are leased per model and reused by later
 generations, so capture happens once per layout, not once per request.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
+from contextlib import contextmanager
 
 import torch
 
@@ -56,9 +59,11 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
         self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
-        self.captured: dict = {}  # forward: ((padded q, position shape, tail width), hidden); chain: ("chain", depth, sampling, greedy) -> graph, inputs, outputs
+        # key -> (graph, input buffers, outputs); keys: forward ((padded q, position shape, tail width), hidden),
+        # chain ("chain", depth, sampling, greedy), prefill ("prefill", (padded length, position shape), hidden, ...)
+        self.captured: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self.graph_error: str | None = None
+        self.graph_error: dict[str, str] = {}  # "prefill" / "decode" -> why capture failed (then eager)
 
 
 _FREE: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Static]]" = weakref.WeakKeyDictionary()
@@ -72,6 +77,35 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
     config = getattr(model.config, "text_config", model.config)
     n_layers = getattr(config, "num_hidden_layers", None)
     return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@contextmanager
+def _sync_errors():
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+def _media_tokens(config, ids: torch.Tensor) -> int:
+    """How many image/video placeholder tokens `ids` holds (0 for a text model)."""
+    media = {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")} - {None}
+    return int(sum((ids == m).sum() for m in media)) if media else 0
 
 
 def _cloned(x):
@@ -109,35 +143,72 @@ class CachedModel:
     @torch.inference_mode()
     def prefill(self, inputs: dict[str, torch.Tensor], hidden: bool = False):
         """Run the prompt; returns the last position's logits [V] (and hidden states if asked)."""
+        host_ids = inputs["input_ids"].cpu()
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         self.rope_offset = self.family.rope_offset(self.model, inputs)
         pos = self.family.prefill_position_ids(self.model, inputs)
-        extra = {}
-        if self.room is None:
-            self.cache = kvcache.new_cache(self.model)
-        else:
-            self.release()
-            P = inputs["input_ids"].shape[1]
-            st = self._static = _lease(self.model, P + self.room, self.device)
-            self.cache = st.cache
-            self.cache.length = 0
-            rows = torch.arange(P, device=self.device)
-            self.cache.write_pos = rows
-            allowed = st.cols.unsqueeze(0) <= rows.unsqueeze(1)
-            inputs["attention_mask"] = self._additive(allowed)
-            extra["cache_position"] = rows
-            if pos is None:  # the 4-D mask replaces the processor's, so positions are given explicitly
-                pos = self.family.position_ids(rows, 0)
+        if self.room is not None:
+            return self._prefill_static(inputs, host_ids, pos, hidden)
+        self.cache = kvcache.new_cache(self.model)
         if pos is not None:
             inputs["position_ids"] = pos
-        out = self.model(**inputs, **extra, past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
+        out = self.model(**inputs, past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
                          logits_to_keep=1)
-        if self.room is not None:
-            self.cache.length = inputs["input_ids"].shape[1]
         self.committed = kvcache.cache_len(self.cache)
         return (out.logits[0, -1], out.hidden_states) if hidden else out.logits[0, -1]
+
+    def _prefill_static(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor | None, hidden: bool):
+        """The prompt into a leased StaticKV. Graphed, the prompt is padded to a multiple of 64
+        tokens (pad rows come after the prompt, so causal attention hides them from it, and their
+        cache rows are overwritten later) and replayed from a graph captured per padded length and
+        image layout: a prefill is hundreds of small kernels, which eagerly cost more host time
+        than a whole decode."""
+        self.release()
+        P = ids.shape[1]
+        st = self._static = _lease(self.model, P + self.room, self.device)
+        self.cache = st.cache
+        self.cache.length = 0
+        graphed = self.graphs and "prefill" not in st.graph_error
+        Pb = min(-(-P // 64) * 64, st.cache.capacity) if graphed else P
+        if pos is None:  # the 4-D mask replaces the processor's, so positions are given explicitly
+            pos = self.family.position_ids(torch.arange(P), 0)
+        pos = pos.cpu()
+        pos = torch.cat([pos, pos[..., -1:].expand(*pos.shape[:-1], Pb - P)], -1)
+        # One packed host tensor: ids (padded with the last prompt token), positions, the row whose logits are kept.
+        host = torch.empty(Pb + pos.numel() + 1, dtype=torch.long)
+        host[:P], host[P:Pb], host[Pb:-1], host[-1] = ids[0], ids[0, -1], pos.reshape(-1), P - 1
+        packed = to_device(host, self.device)
+        rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        for k, v in rest.items():  # per-token inputs (token_type_ids, ...) are padded like the ids
+            if v.dim() == 2 and v.shape == (1, P) and Pb > P:
+                rest[k] = torch.cat([v, v[:, -1:].expand(1, Pb - P)], 1)
+        names = tuple(sorted(rest))
+        tensors = tuple(rest[k] for k in names)
+        layout = (Pb, tuple(pos.shape))
+        body = lambda packed, *tensors: self._prefill_body(st, layout, hidden, names, packed, tensors)  # noqa: E731
+        if graphed:
+            # What Python inside the model may branch on: shapes, small integer inputs (image grids,
+            # sizes) and the count of image/video placeholder tokens, checked eagerly at first use.
+            shape = tuple((tuple(t.shape), t.dtype, tuple(t.flatten().tolist()) if not t.is_floating_point()
+                           and t.numel() <= 64 else None) for t in tensors)
+            key = ("prefill", layout, hidden, names, shape, _media_tokens(self.model.config, ids))
+            logits, hs = self._graph(st, key, body, (packed, *tensors), kind="prefill")
+        else:
+            logits, hs = body(packed, *tensors)
+        self.cache.length = self.committed = P
+        return (logits, tuple(h[:, :P] for h in hs)) if hidden else logits
+
+    def _prefill_body(self, st: _Static, layout, hidden: bool, names: tuple[str, ...], packed, tensors):
+        Pb, pos_shape = layout
+        rows = st.cols[:Pb]
+        st.cache.write_pos = rows
+        out = self.model(input_ids=packed[:Pb].view(1, Pb), position_ids=packed[Pb:-1].view(pos_shape),
+                         attention_mask=self._additive(st.cols.unsqueeze(0) <= rows.unsqueeze(1)), cache_position=rows,
+                         past_key_values=st.cache, use_cache=True, output_hidden_states=hidden,
+                         logits_to_keep=packed[-1:], **dict(zip(names, tensors)))
+        return out.logits[0, -1], (out.hidden_states if hidden else None)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype, device=self.device)
@@ -175,7 +246,7 @@ class CachedModel:
     def _forward_static(self, tokens, seq_pos, tail_mask, hidden):
         st, dev = self._static, self.device
         q, start, base = tokens.shape[0], self.cache.length, self.committed
-        graphed = self.graphs and st.graph_error is None
+        graphed = self.graphs and "decode" not in st.graph_error
         Q = _bucket(q) if graphed else q
         if start + Q > st.cache.capacity:
             raise RuntimeError(f"static cache overflow: {start} + {Q} > {st.cache.capacity} (room {self.room} too small)")
@@ -227,16 +298,18 @@ class CachedModel:
     def _replay(self, st: _Static, hidden: bool, layout, packed: torch.Tensor):
         return self._graph(st, (layout, hidden), lambda buf: self._run(st, hidden, layout, buf), (packed,))
 
-    def _graph(self, st: _Static, key, body, inputs: tuple):
+    def _graph(self, st: _Static, key, body, inputs: tuple, kind: str = "decode"):
         """body(*inputs) replayed from a CUDA graph captured on first use of `key` (inputs are copied
-        into the graph's own buffers); eager, with a warning, if the capture fails."""
+        into the graph's own buffers); eager, with a warning, if the capture fails (then graphs of
+        that kind stay off for this cache)."""
         entry = st.captured.get(key)
         if entry is None:
             try:
                 entry = st.captured[key] = self._capture(st, body, inputs)
             except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
-                st.graph_error = f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {st.graph_error}", stacklevel=2)
+                st.graph_error[kind] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture ({kind}) failed, running it eagerly: {st.graph_error[kind]}",
+                              stacklevel=2)
                 return body(*inputs)
         graph, bufs, outputs = entry
         for buf, new in zip(bufs, inputs):
@@ -251,13 +324,24 @@ class CachedModel:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, kernel selection)
-            for _ in range(2):
+            body(*bufs)  # with every input check of the model on
+            # Then as it will be captured, with host syncs made errors: an op that would break the
+            # capture raises here, harmlessly; a capture that fails half-way can leave the CUDA
+            # allocator and RNG unusable for the rest of the process.
+            with self._capturing(), _sync_errors():
                 body(*bufs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=st.pool):
+        with self._capturing(), torch.cuda.graph(graph, pool=st.pool):
             outputs = body(*bufs)
         return graph, bufs, outputs
+
+    @contextmanager
+    def _capturing(self):
+        # transformers' input checks (e.g. image tokens vs image features) read a device value on
+        # the host; the first warm-up run made them on these very inputs.
+        with _env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), self.family.graph_capture(self.model):
+            yield
 
     @torch.inference_mode()
     def draft_chain(self, first: torch.Tensor, depth: int, sampling: Sampling, noise: torch.Tensor | None):
@@ -274,10 +358,10 @@ class CachedModel:
             raise RuntimeError(f"static cache overflow: {start} + {depth} > {st.cache.capacity}")
         ints = to_device(torch.tensor([start, start + self.rope_offset]), self.device)
         if noise is not None:
-            noise = to_device(noise, self.device)
+            noise = noise if noise.device == self.device else to_device(noise, self.device)
         inputs = (ints, first, noise)
         body = lambda *bufs: self._chain_body(st, depth, sampling, *bufs)  # noqa: E731
-        graphed = self.graphs and st.graph_error is None
+        graphed = self.graphs and "decode" not in st.graph_error
         out = self._graph(st, ("chain", depth, sampling, noise is None), body, inputs) if graphed else body(*inputs)
         self.cache.length = start + depth - 1
         return out

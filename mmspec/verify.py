@@ -8,6 +8,10 @@ q_{i+1} = q_i with c_i removed. Deterministic proposals (q = None) are point mas
 probability r(c_i), else zero c_i out of r. If no child is accepted the next token is drawn from r.
 Each committed token is then distributed exactly as the target's own sample.
 
+`score` reduces the target's logits where they are (argmax per row, p and q of each drafted token)
+so that `verify` runs on a few host numbers per node; full rows cross to the host only for the
+residual after a rejected sample.
+
 `token_probs` is the one place logits become sampling probabilities (temperature, top-p); drafters
 use it too (through `draft_probs`), so that draft and target are warped the same way.
 """
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmspec.kvcache import to_device
 from mmspec.trace import DraftTree
 
 
@@ -65,6 +70,42 @@ class Verdict:
     target_probs: list[float]  # target sampling prob of each node's token
 
 
+@dataclass
+class Scores:
+    """What verification reads of the target's logits, reduced where the logits are.
+
+    Only `packed` (argmax per row | p of each node's token | q of each node's token) crosses to
+    the host, in one copy, instead of [1 + n, V] logits: a full-vocabulary row per node is copied
+    only when a sampled node is rejected and its residual distribution is needed."""
+
+    probs: torch.Tensor | None  # [1 + n, V] target sampling distribution rows (None when greedy)
+    packed: torch.Tensor  # [(1 + n) + 2n] float64: top | p at node token | q at node token (nan: point mass)
+
+
+def score(target_logits: torch.Tensor, tokens: torch.Tensor, parents: list[int], sampling: Sampling,
+          proposals: dict[int, torch.Tensor | None]) -> Scores:
+    """tokens [1 + n]: root then node tokens (host or device). No host sync: launched right after
+    the target's forward, this is queued behind it while the host goes on."""
+    dev = target_logits.device
+    logits = target_logits.float()
+    probs = None if sampling.greedy else token_probs(logits, sampling)
+    n = len(parents)
+    parts = [logits.argmax(-1).double()]
+    if n:
+        rows = to_device(torch.tensor([p + 1 for p in parents]), dev)
+        toks = (tokens if tokens.device == dev else to_device(tokens, dev))[1:]
+        src = probs if probs is not None else torch.softmax(logits, -1)  # greedy: plain softmax, for the trace
+        parts.append(src[rows, toks].double())
+        q_at = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+        have = [i for i, p in enumerate(parents) if proposals.get(p) is not None]
+        if have and not sampling.greedy:  # greedy verification never reads q
+            idx = to_device(torch.tensor(have), dev)
+            q_rows = torch.stack([proposals[parents[i]].to(dev) for i in have])
+            q_at.index_copy_(0, idx, q_rows.gather(1, toks[idx].unsqueeze(1)).squeeze(1).double())
+        parts.append(q_at)
+    return Scores(probs, torch.cat(parts))
+
+
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
@@ -75,46 +116,56 @@ def verify(
     sampling: Sampling,
     proposals: dict[int, torch.Tensor | None],
     gen: torch.Generator,
+    scores: Scores | None = None,  # from `score` (the engine launches it before the step's sync)
 ) -> Verdict:
-    logits = target_logits.float().cpu()  # the one host sync of a step
-    top = logits.argmax(-1)
-    parent_rows = torch.tensor([p + 1 for p in tree.parents], dtype=torch.long)
-    toks = torch.tensor(tree.tokens, dtype=torch.long)
-    probs_rows = token_probs(logits, sampling) if not sampling.greedy else None
-    if len(tree):
-        target_tokens = top[parent_rows].tolist()
-        p_src = probs_rows if probs_rows is not None else torch.softmax(logits, -1)
-        target_probs = p_src[parent_rows, toks].tolist()
-    else:
-        target_tokens, target_probs = [], []
+    if scores is None:
+        tokens = torch.tensor([0] + tree.tokens, dtype=torch.long)
+        scores = score(target_logits, tokens, tree.parents, sampling, proposals)
+    n, Q = len(tree), target_logits.shape[0]
+    host = scores.packed.tolist()  # the one host sync of a step's verification
+    top = [int(t) for t in host[:Q]]
+    target_probs, q_at = host[Q : Q + n], host[Q + n :]
+    target_tokens = [top[p + 1] for p in tree.parents]
     children = tree.children()
     accepted: list[int] = []
     node = -1
     if sampling.greedy:
         while True:
-            want = int(top[node + 1])
+            want = top[node + 1]
             nxt = next((c for c in children.get(node, []) if tree.tokens[c] == want), None)
             if nxt is None:
                 return Verdict(accepted, want, target_tokens, target_probs)
             accepted.append(nxt)
             node = nxt
+    # One uniform per node, drawn at once: each node is tested at most once, as its parent's child.
+    uniforms = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
     while True:
-        r = probs_rows[node + 1].double().clone()
-        q = proposals.get(node)
-        q = q.double().cpu().clone() if q is not None else None
-        nxt = None
+        # Until a child is rejected, r and q are the untouched rows and an acceptance test needs
+        # only the two scalars already on the host; the rows are copied at the first rejection.
+        r = q = None
+        fresh = True
         for c in children.get(node, []):
             x = tree.tokens[c]
-            u = torch.rand((), generator=gen, dtype=torch.float64).item()
-            if q is None:
-                if u < r[x]:
+            u = uniforms[c]
+            if fresh:
+                rx, qx = target_probs[c], q_at[c]
+                point_mass = proposals.get(node) is None
+            else:
+                rx, qx, point_mass = float(r[x]), (float(q[x]) if q is not None else 0.0), q is None
+            if point_mass:
+                if u < rx:
                     nxt = c
                     break
+            elif qx > 0 and u < min(1.0, rx / qx):
+                nxt = c
+                break
+            if fresh:
+                r = scores.probs[node + 1].double().cpu().clone()
+                q = None if point_mass else proposals[node].double().cpu().clone()
+                fresh = False
+            if q is None:
                 r[x] = 0.0
             else:
-                if q[x] > 0 and u < min(1.0, float(r[x] / q[x])):
-                    nxt = c
-                    break
                 residual = (r - q).clamp_min(0.0)
                 # r == q would have accepted surely; a zero residual is rounding, keep r.
                 r = residual if residual.sum() > 1e-12 else r
@@ -124,7 +175,11 @@ def verify(
                 else:
                     q = q / q.sum()
             r = r / r.sum()
+        else:
+            nxt = None
         if nxt is None:
+            if fresh:
+                r = scores.probs[node + 1].cpu()
             return Verdict(accepted, _draw(r.float(), gen), target_tokens, target_probs)
         accepted.append(nxt)
         node = nxt

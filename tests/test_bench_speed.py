@@ -55,12 +55,16 @@ def test_speed_bench_tiny(speed, tiny_dir, tmp_path):
         r = rows[(method, 0.0)]
         assert r["lossless"] is True, method
         assert 0 <= r["draft_pct"] <= 100 and r["draft_pct"] + r["verify_pct"] + r["overhead_pct"] == pytest.approx(100)
+        # Decode steps alone are faster than end to end (which adds the prefill and drafter start).
+        assert r["decode_tokens_per_s"] > r["tokens_per_s"] and r["prefill_ms"] > 0 and r["drafter_start_ms"] >= 0
+        assert r["decode_speedup"] > 0
     for method in ("hf:generate", "hf:generate:static"):  # HF greedy == engine vanilla, token for token
         assert rows[(method, 0.0)]["lossless"] is True
     assert data["meta"]["hf_greedy_equals_engine_vanilla"] == {"hf:generate": True, "hf:generate:static": True}
     assert rows[("engine:vanilla", 1.0)]["lossless"] is None
     md = out.with_suffix(".md").read_text()
     assert "## T=0" in md and "## T=1" in md and "| engine:llava-draft:chain:3 |" in md and "measured" in md
+    assert "decode tok/s" in md
 
 
 def test_speed_bench_time_budget(speed, tiny_dir, tmp_path):

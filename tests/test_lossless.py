@@ -191,7 +191,7 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
             super().__init__(*args, **kwargs)
             self.graphs = self.room is not None
 
-    monkeypatch.setattr(model.CachedModel, "_graph", lambda self, st, key, body, inputs: body(*inputs))
+    monkeypatch.setattr(model.CachedModel, "_graph", lambda self, st, key, body, inputs, kind="decode": body(*inputs))
     monkeypatch.setattr(engine, "CachedModel", Padded)
     monkeypatch.setattr(drafters, "CachedModel", Padded)
     for family in ["llava", "qwen2vl"]:
@@ -202,6 +202,42 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
         for tree in ["dynamic:16,5,3", "chain:3"]:
             gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=True))
             assert gen.token_ids == ref.token_ids, f"{family} {tree} padded"
+
+
+def test_padded_prefill_matches_the_unpadded_one(tiny_dir, monkeypatch):
+    """A graphed prefill pads the prompt to a multiple of 64 tokens: the last real position's logits,
+    every layer's hidden states of the real positions and the cached K/V must be those of the
+    unpadded prompt."""
+    from mmspec import model
+
+    monkeypatch.setattr(model.CachedModel, "_graph", lambda self, st, key, body, inputs, kind="decode": body(*inputs))
+    for family in ["llava", "qwen2vl"]:
+        tgt = target(tiny_dir, family)
+        inputs = tgt.family.prefill_inputs(tgt.processor, image(3), PROMPTS[0][0])
+        P = inputs["input_ids"].shape[1]
+        assert P % 64, "the prompt must need padding for this test to mean anything"
+        out = {}
+        for padded in (False, True):
+            cm = model.CachedModel(tgt.model, tgt.family, room=96)
+            cm.graphs = padded  # graphed = padded; _graph runs the body eagerly here
+            logits, hidden = cm.prefill(dict(inputs), hidden=True)
+            keys = cm.cache.layers[-1].keys[..., :P, :].clone()
+            out[padded] = (logits, hidden, keys, cm.committed)
+            cm.release()
+        (l0, h0, k0, c0), (l1, h1, k1, c1) = out[False], out[True]
+        assert c0 == c1 == P
+        torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-4)
+        assert len(h0) == len(h1) and all(a.shape == b.shape for a, b in zip(h0, h1))
+        for a, b in zip(h0, h1):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(k1, k0, atol=1e-4, rtol=1e-4)
+        # As captured on a GPU: under the family's capture context (LLaVA: transformers' image-token
+        # check, a host sync, replaced by the bare mask), with the same result.
+        with tgt.family.graph_capture(tgt.model):
+            cm = model.CachedModel(tgt.model, tgt.family, room=96)
+            torch.testing.assert_close(cm.prefill(dict(inputs)), l0, atol=1e-4, rtol=1e-4)
+            cm.release()
+        assert "get_placeholder_mask" not in vars(getattr(tgt.model, "model", tgt.model))
 
 
 def test_stacked_static_cache_keeps_the_same_rows_as_per_layer_buffers():
@@ -224,3 +260,23 @@ def test_stacked_static_cache_keeps_the_same_rows_as_per_layer_buffers():
         assert torch.equal(a.keys[..., :15, :], b.keys[..., :15, :])
         assert torch.equal(a.values[..., :15, :], b.values[..., :15, :])
     assert torch.equal(stacked.layers[1].keys[..., 13, :], stacked.stack[1, 0][..., 15, :])  # row 12+3 moved to 13
+
+
+def test_a_draft_vlm_with_the_targets_processor_reuses_its_inputs(tiny_dir, monkeypatch):
+    """The draft VLM prefills with the target's processed inputs when its processor would produce the
+    same tensors (no second pass over the image); the text-only drafter never does."""
+    from mmspec import families
+
+    tgt = target(tiny_dir, "llava")
+    calls = []
+    real = families.Family.prefill_inputs
+    monkeypatch.setattr(families.Family, "prefill_inputs",
+                        lambda self, *a, **k: calls.append(self.name) or real(self, *a, **k))
+    prompt, seed = PROMPTS[0]
+    ref = reference(tiny_dir, "llava", prompt, seed)
+    for name, own_call in ((str(tiny_dir / "llava-draft"), False), (str(tiny_dir / "text-draft"), True)):
+        drafter = load_drafter(name, tgt)
+        calls.clear()
+        gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=8, tree="chain:3"))
+        assert gen.token_ids == ref.token_ids[:8]
+        assert calls == (["llava", "text"] if own_call else ["llava"]), name
