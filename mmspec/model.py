@@ -163,8 +163,8 @@ class CachedModel:
         """The prompt into a leased StaticKV. Graphed, the prompt is padded to a multiple of 64
         tokens (pad rows come after the prompt, so causal attention hides them from it, and their
         cache rows are overwritten later) and replayed from a graph captured per padded length and
-        image layout: a prefill is hundreds of small kernels, which eagerly cost more host time
-        than a whole decode."""
+        image layout: a prefill is hundreds of small kernels, host-bound when eager (20 ms for the
+        embedded target on an H100, 3.4 ms replayed)."""
         self.release()
         P = ids.shape[1]
         st = self._static = _lease(self.model, P + self.room, self.device)
