@@ -191,9 +191,9 @@ class CachedModel:
         if graphed:
             # What Python inside the model may branch on: shapes, small integer inputs (image grids,
             # sizes) and the count of image/video placeholder tokens, checked eagerly at first use.
-            shape = tuple((tuple(t.shape), t.dtype, tuple(t.flatten().tolist()) if not t.is_floating_point()
-                           and t.numel() <= 64 else None) for t in tensors)
-            key = ("prefill", layout, hidden, names, shape, _media_tokens(self.model.config, ids))
+            seen = tuple((tuple(t.shape), t.dtype, tuple(t.flatten().tolist()) if not t.is_floating_point()
+                          and t.numel() <= 64 else None) for t in tensors)
+            key = ("prefill", layout, hidden, names, seen, _media_tokens(self.model.config, ids))
             logits, hs = self._graph(st, key, body, (packed, *tensors), kind="prefill")
         else:
             logits, hs = body(packed, *tensors)

@@ -140,14 +140,13 @@ def verify(
     # One uniform per node, drawn at once: each node is tested at most once, as its parent's child.
     uniforms = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
     while True:
-        # Until a child is rejected, r and q are the untouched rows and an acceptance test needs
-        # only the two scalars already on the host; the rows are copied at the first rejection.
+        # Until a child is rejected (r is None), an acceptance test needs only the two scalars
+        # already on the host; the rows r and q are copied at the first rejection.
         r = q = None
-        fresh = True
         for c in children.get(node, []):
             x = tree.tokens[c]
             u = uniforms[c]
-            if fresh:
+            if r is None:
                 rx, qx = target_probs[c], q_at[c]
                 point_mass = proposals.get(node) is None
             else:
@@ -159,10 +158,9 @@ def verify(
             elif qx > 0 and u < min(1.0, rx / qx):
                 nxt = c
                 break
-            if fresh:
+            if r is None:
                 r = scores.probs[node + 1].double().cpu().clone()
                 q = None if point_mass else proposals[node].double().cpu().clone()
-                fresh = False
             if q is None:
                 r[x] = 0.0
             else:
@@ -178,7 +176,7 @@ def verify(
         else:
             nxt = None
         if nxt is None:
-            if fresh:
+            if r is None:
                 r = scores.probs[node + 1].cpu()
             return Verdict(accepted, _draw(r.float(), gen), target_tokens, target_probs)
         accepted.append(nxt)
