@@ -193,7 +193,8 @@ def time_target(model, tiny: bool, paths: list[str], qs: list[int], room: int, w
         steps = time_steps(cm, qs, ("tree", "causal"), warm, reps)
         out[path] = {"prompt_tokens": cm.committed, "prefill_ms": prefill, **steps}
         # set per kind ("prefill", "decode") when a capture fell back to eager
-        error = getattr(getattr(cm, "_static", None), "graph_error", None) or None
+        st = getattr(cm, "_static", None)
+        error = (st.graphs.graph_error if st is not None else None) or None
         out[path].update(cuda_graphs=cm.graphs and not (error or {}).get("decode"), graph_error=error)
         cm.release()
         print(f"[scale]   {path}: prefill {prefill['median']:.1f} ms ({cm.committed} tokens, vision tower included); "

@@ -20,6 +20,7 @@ from PIL import Image
 
 from mmspec.errors import InputError
 from mmspec.families import family_for
+from mmspec.graphs import DeviceNoise
 from mmspec.model import CachedModel, last_layer_device
 from mmspec.trace import DraftTree
 from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
@@ -74,7 +75,7 @@ class ModelDrafter(Drafter):
         self.cm: CachedModel | None = None
         self.fed = 0  # generated tokens already in the draft cache
         self._processor_check: tuple[int | None, bool] = (None, False)  # (id of the target's processor, same?)
-        self._device_gen: torch.Generator | None = None
+        self._noise = DeviceNoise()
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "sees_image": self.family.sees_image}
@@ -88,7 +89,7 @@ class ModelDrafter(Drafter):
             inputs = self.family.prefill_inputs(self.processor, ctx.image, ctx.prompt)
         self.cm.prefill(inputs)
         self.fed = 0
-        self._device_gen = None  # seeded from the request's generator at its first sampled chain
+        self._noise.reset()  # seeded from the request's generator at its first sampled chain
 
     def _same_processor(self, target) -> bool:
         """Whether this draft model's processor turns (image, prompt) into the target's inputs:
@@ -145,24 +146,13 @@ class ModelDrafter(Drafter):
         cm = self.cm
         try:
             first = self._feed_pending(committed)[0]
-            noise = None if sampling.greedy else self._uniforms(depth, first.shape[-1], first.device, gen)
+            noise = None if sampling.greedy else self._noise.uniforms(depth, first.shape[-1], first.device, gen)
             tokens, probs, q_rows = cm.draft_chain(first, depth, sampling, noise)
         finally:
             cm.rollback()
         tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                          draft_probs=[0.0] * depth)
         return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
-
-    def _uniforms(self, depth: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-        """depth x vocab uniform draws for the chain's Gumbel-max sampling. On a GPU they are drawn
-        there, from a generator seeded once per request from `gen` (still reproducible per seed):
-        for a real vocabulary, drawing them on the host and copying would cost milliseconds a step."""
-        if device.type == "cpu":
-            return torch.rand(depth, vocab, generator=gen)
-        if self._device_gen is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-            self._device_gen = torch.Generator(device).manual_seed(seed)
-        return torch.rand(depth, vocab, generator=self._device_gen, device=device)
 
     def finish(self) -> None:
         if self.cm is not None:

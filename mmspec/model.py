@@ -18,14 +18,12 @@ generations, so capture happens once per layout, not once per request.
 from __future__ import annotations
 
 import math
-import os
-import warnings
 import weakref
 from contextlib import contextmanager
 
 import torch
 
-from mmspec import kvcache
+from mmspec import graphs, kvcache
 from mmspec.kvcache import to_device
 from mmspec.families import Family
 from mmspec.verify import Sampling, draft_probs, gumbel_scores
@@ -59,11 +57,10 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
         self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
-        # key -> (graph, input buffers, outputs); keys: forward ((padded q, position shape, tail width), hidden),
-        # chain ("chain", depth, sampling, greedy), prefill ("prefill", (padded length, position shape), hidden, ...)
-        self.captured: dict = {}
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self.graph_error: dict[str, str] = {}  # "prefill" / "decode" -> why capture failed (then eager)
+        # keys: forward ((padded q, position shape, tail width), hidden), chain ("chain", depth,
+        # sampling, greedy), prefill ("prefill", (padded length, position shape), hidden, ...);
+        # graph kinds "prefill" and "decode" fall back to eager separately.
+        self.graphs = graphs.GraphTable(device)
 
 
 _FREE: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Static]]" = weakref.WeakKeyDictionary()
@@ -79,39 +76,10 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
     return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
 
 
-@contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
-@contextmanager
-def _sync_errors():
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
-
-
 def _media_tokens(config, ids: torch.Tensor) -> int:
     """How many image/video placeholder tokens `ids` holds (0 for a text model)."""
     media = {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")} - {None}
     return int(sum((ids == m).sum() for m in media)) if media else 0
-
-
-def _cloned(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    return tuple(_cloned(y) for y in x) if isinstance(x, tuple) else x
 
 
 def _bucket(q: int) -> int:
@@ -170,7 +138,7 @@ class CachedModel:
         st = self._static = _lease(self.model, P + self.room, self.device)
         self.cache = st.cache
         self.cache.length = 0
-        graphed = self.graphs and "prefill" not in st.graph_error
+        graphed = self.graphs and st.graphs.usable("prefill")
         Pb = min(-(-P // 64) * 64, st.cache.capacity) if graphed else P
         if pos is None:  # the 4-D mask replaces the processor's, so positions are given explicitly
             pos = self.family.position_ids(torch.arange(P), 0)
@@ -246,7 +214,7 @@ class CachedModel:
     def _forward_static(self, tokens, seq_pos, tail_mask, hidden):
         st, dev = self._static, self.device
         q, start, base = tokens.shape[0], self.cache.length, self.committed
-        graphed = self.graphs and "decode" not in st.graph_error
+        graphed = self.graphs and st.graphs.usable("decode")
         Q = _bucket(q) if graphed else q
         if start + Q > st.cache.capacity:
             raise RuntimeError(f"static cache overflow: {start} + {Q} > {st.cache.capacity} (room {self.room} too small)")
@@ -299,48 +267,13 @@ class CachedModel:
         return self._graph(st, (layout, hidden), lambda buf: self._run(st, hidden, layout, buf), (packed,))
 
     def _graph(self, st: _Static, key, body, inputs: tuple, kind: str = "decode"):
-        """body(*inputs) replayed from a CUDA graph captured on first use of `key` (inputs are copied
-        into the graph's own buffers); eager, with a warning, if the capture fails (then graphs of
-        that kind stay off for this cache)."""
-        entry = st.captured.get(key)
-        if entry is None:
-            try:
-                entry = st.captured[key] = self._capture(st, body, inputs)
-            except Exception as e:  # noqa: BLE001 - a model whose forward cannot be captured still decodes
-                st.graph_error[kind] = f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture ({kind}) failed, running it eagerly: {st.graph_error[kind]}",
-                              stacklevel=2)
-                return body(*inputs)
-        graph, bufs, outputs = entry
-        for buf, new in zip(bufs, inputs):
-            if buf is not None:
-                buf.copy_(new)
-        graph.replay()
-        # Outputs live in the graph's memory pool, which the next replay overwrites.
-        return _cloned(outputs)
-
-    def _capture(self, st: _Static, body, inputs: tuple):
-        bufs = tuple(x.clone() if x is not None else None for x in inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, kernel selection)
-            body(*bufs)  # with every input check of the model on
-            # Then as it will be captured, with host syncs made errors: an op that would break the
-            # capture raises here, harmlessly; a capture that fails half-way can leave the CUDA
-            # allocator and RNG unusable for the rest of the process.
-            with self._capturing(), _sync_errors():
-                body(*bufs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with self._capturing(), torch.cuda.graph(graph, pool=st.pool):
-            outputs = body(*bufs)
-        return graph, bufs, outputs
+        return graphs.replay(st.graphs, key, body, inputs, kind, self._capturing)
 
     @contextmanager
     def _capturing(self):
         # transformers' input checks (e.g. image tokens vs image features) read a device value on
         # the host; the first warm-up run made them on these very inputs.
-        with _env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), self.family.graph_capture(self.model):
+        with graphs.env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), self.family.graph_capture(self.model):
             yield
 
     @torch.inference_mode()
@@ -361,7 +294,7 @@ class CachedModel:
             noise = noise if noise.device == self.device else to_device(noise, self.device)
         inputs = (ints, first, noise)
         body = lambda *bufs: self._chain_body(st, depth, sampling, *bufs)  # noqa: E731
-        graphed = self.graphs and "decode" not in st.graph_error
+        graphed = self.graphs and st.graphs.usable("decode")
         out = self._graph(st, ("chain", depth, sampling, noise is None), body, inputs) if graphed else body(*inputs)
         self.cache.length = start + depth - 1
         return out

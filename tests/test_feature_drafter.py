@@ -83,6 +83,35 @@ def test_greedy_lossless_every_variant_llava(tiny_dir, variant):
     assert gen.token_ids == ref.token_ids, f"{variant} {TREES[-1]} static cache"
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_device_chain_lossless_every_variant(tiny_dir, variant):
+    """The fast path's chain (`_step_body`: feed the accepted entries, then draft the whole chain on
+    the device; one CUDA graph on a GPU) runs eagerly here: same output as vanilla, same drafts as
+    the tree-grown chain of the eager path, on both families."""
+    for family in ("llava", "qwen2vl"):
+        tgt, ref = target(tiny_dir, family), reference(tiny_dir, family)
+        d = drafter(tiny_dir, family, variant)
+        runs = {}
+        for static in (False, True):
+            gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree="chain:4", static_cache=static))
+            assert gen.token_ids == ref.token_ids, f"{variant} {family} static={static}"
+            runs[static] = gen
+        for a, b in zip(runs[False].steps, runs[True].steps):
+            assert a.tree.tokens == b.tree.tokens and a.accepted == b.accepted, f"{variant} {family} step {a.index}"
+            assert a.extras.get("drafter_forwards") == b.extras.get("drafter_forwards")
+            assert np.allclose(a.tree.draft_probs, b.tree.draft_probs, atol=1e-4)
+
+
+def test_device_chain_handles_a_prompt_without_image(tiny_dir):
+    tgt = target(tiny_dir, "llava")
+    ref = generate(tgt, None, None, PROMPT, DecodeConfig(max_new_tokens=N_NEW))
+    for variant in ("vispec", "dream", "aasd", "flash"):
+        d = drafter(tiny_dir, "llava", variant)
+        for static in (False, True):
+            gen = generate(tgt, d, None, PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree="chain:3", static_cache=static))
+            assert gen.token_ids == ref.token_ids, f"{variant} static={static}"
+
+
 @pytest.mark.parametrize("variant", ["eagle", "dream", "pool2", "topk", "vispec", "msd", "aasd", "flash"])
 def test_greedy_lossless_qwen2vl(tiny_dir, variant):
     tgt = target(tiny_dir, "qwen2vl")
@@ -271,12 +300,13 @@ def overfit(d, tgt, img, prompt, steps=80, n_seq=16):
     return d
 
 
-@pytest.mark.parametrize("variant,tree", [("eagle", "chain:3"), ("pool2", "dynamic:8,3,3")])
-def test_engine_sampling_matches_target_distribution(tiny_dir, variant, tree):
+@pytest.mark.parametrize("variant,tree,static", [("eagle", "chain:3", None), ("pool2", "dynamic:8,3,3", None),
+                                                 ("eagle", "chain:3", True)])  # True: the device chain's Gumbel draws
+def test_engine_sampling_matches_target_distribution(tiny_dir, variant, tree, static):
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
     prompt, img = "describe the image.", image(5)
     d = overfit(create_feature_drafter(variant, tgt, profile=[1.0, 1.0]), tgt, img, prompt)
-    pvalue, accepted = engine_pair_pvalue(tgt, d, tree, n=600, prompt=prompt, img=img)
+    pvalue, accepted = engine_pair_pvalue(tgt, d, tree, n=600, prompt=prompt, img=img, static_cache=static)
     assert accepted > 0.5, "the drafter should get many drafts accepted, or the test proves little"
     assert pvalue > 1e-3
 
@@ -386,7 +416,8 @@ def test_visual_map_in_engine_steps(tiny_dir, variant, groups):
     d = drafter(tiny_dir, "llava", variant)
     gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=8, tree="chain:2"))
     vmap = gen.steps[1].extras["visual_map"]
-    n_vis = sum(1 for t in d.prompt_ids if t == tgt.model.config.image_token_id)
+    ids = tgt.family.prefill_inputs(tgt.processor, image(0), PROMPT)["input_ids"][0].tolist()
+    n_vis = sum(1 for t in ids if t == tgt.model.config.image_token_id)
     assert vmap["grid"][0] * vmap["grid"][1] == n_vis == len(vmap["status"])
     if groups:
         assert len(set(vmap["groups"])) == groups
