@@ -61,7 +61,8 @@ from mmspec.errors import InputError
 from mmspec.graphs import DeviceNoise, GraphTable, replay
 from mmspec.kvcache import to_device
 from mmspec.trace import DraftTree
-from mmspec.tree import Proposal, TreePool, grow_tree, tree_attention
+from mmspec import device_tree
+from mmspec.tree import NO_TREE, Proposal, TreePool, TreeSpec, grow_tree, tree_attention
 from mmspec.verify import Sampling, draft_probs, gumbel_scores
 
 FORMAT = "mmspec-feature-drafter"
@@ -909,13 +910,11 @@ class FeatureDrafter(Drafter):
         req.n_feat += k
 
     def _reserve(self, rows: int) -> None:
-        """Room for `rows` entries / features. Eagerly the buffers grow; on the fast path the
-        engine's room bounds every request, so running out is a bug."""
+        """Room for `rows` entries / features: larger buffers take over (graphs are captured anew
+        for them; on the fast path the engine's room makes this rare)."""
         old = self.buf
         if rows <= old.cap:
             return
-        if self.req.device_chain:
-            raise RuntimeError(f"feature drafter buffers overflow: {rows} rows > {old.cap}")
         self.buf = _lease(self.net, max(rows, 2 * old.cap), self._dev, self._dt)
         self.buf.copy_from(old)
         _FREE_BUFFERS.setdefault(self.net, []).append(old)
@@ -991,22 +990,37 @@ class FeatureDrafter(Drafter):
         req.forwards += 1
 
     # --- one step: feed what was accepted, then draft --------------------------------------------
+    def _feed_accepted(self, k: int, ints) -> None:
+        """The k entries committed since the last step, from ints = [first cache row, first drafter
+        position, the k tokens]; the last one's predicted features become the root's."""
+        if not k:
+            return
+        buf, row, lo = self.buf, ints[0], ints[1]
+        ps = lo + torch.arange(k, device=ints.device)
+        self._write_memory(lo, ps)
+        feats = self.net.feature_in({idx: f.index_select(0, ps) for idx, f in buf.F.items()})
+        heads = self._forward(self._inputs(ints[2 : 2 + k], feats), ps, row + ps - lo, ps)
+        buf.root.copy_(heads[-1])
+
     def _step_body(self, k: int, depth: int, sampling: Sampling, ints, noise):
-        """Feed the k entries committed since the last step, then draft a chain of `depth` tokens
-        from the new root, all on the device (one CUDA graph per (k, depth, sampling) on a GPU).
-        ints: [first cache row, first drafter position, the k tokens]. Returns the chain's tokens
+        """Feed the accepted entries, then draft a chain of `depth` tokens from the new root, all on
+        the device (one CUDA graph per (k, depth, sampling) on a GPU). Returns the chain's tokens
         [depth], their q [depth] and q rows [depth, V] (nothing when depth is 0)."""
-        buf = self.buf
-        row, lo = ints[0], ints[1]
-        if k:
-            ps = lo + torch.arange(k, device=ints.device)
-            self._write_memory(lo, ps)
-            feats = self.net.feature_in({idx: f.index_select(0, ps) for idx, f in buf.F.items()})
-            heads = self._forward(self._inputs(ints[2 : 2 + k], feats), ps, row + ps - lo, ps)
-            buf.root.copy_(heads[-1])
-        if depth == 0:
-            return None
-        return self._chain(row + k, lo + k - 1, depth, sampling, noise)
+        self._feed_accepted(k, ints)
+        return self._chain(ints[0] + k, ints[1] + k - 1, depth, sampling, noise) if depth else None
+
+    def _tree_body(self, k: int, spec: TreeSpec, sampling: Sampling, ints, noise) -> device_tree.DeviceTree:
+        """Feed the accepted entries, then grow an EAGLE-2 dynamic tree on the device."""
+        self._feed_accepted(k, ints)
+        net, buf = self.net, self.buf
+        base = ints[1] + k - 1  # RoPE position of the root entry
+
+        def expand(depth, tokens, feeds, rows, allowed):
+            heads = self._forward(self._inputs(tokens, feeds), (base + depth).expand(rows.shape), rows, None, allowed)[:, 0]
+            return draft_probs(net.logits(heads), sampling), heads
+
+        root_q = draft_probs(net.logits(buf.root[0])[None], sampling)[0]
+        return device_tree.grow(expand, root_q, buf.root[0], spec, ints[0] + k, buf.cols, noise)
 
     def _chain(self, row, base, depth: int, sampling: Sampling, noise):
         """Draft `depth` tokens after the root (RoPE position `base`), writing fed nodes from cache
@@ -1032,23 +1046,30 @@ class FeatureDrafter(Drafter):
             j += 1
         return torch.cat(toks), torch.cat(probs), torch.stack(rows)
 
-    def _run_step(self, new_tokens: list[int], depth: int, sampling: Sampling, gen):
+    def _run_step(self, new_tokens: list[int], spec: TreeSpec, sampling: Sampling, gen):
+        """Feed the accepted tokens and draft `spec` (a chain, a dynamic tree, or nothing: kind
+        "none") in one body on the device, replayed from a CUDA graph per shape on a GPU."""
         req, dev = self.req, self._dev
-        k = len(new_tokens)
-        self._reserve(req.n_cache + k + max(depth, 1))
+        k, tree = len(new_tokens), spec.kind == "dynamic"
+        self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
         ints = to_device(torch.tensor([req.n_cache, req.n_fed, *new_tokens], dtype=torch.long), dev)
         noise = None
-        if depth and not sampling.greedy:
-            noise = self._noise.uniforms(depth, self.net.shared.lm_head.weight.shape[0], dev, gen)
-        body = lambda *bufs: self._step_body(k, depth, sampling, *bufs)  # noqa: E731
+        if spec.kind != "none" and not sampling.greedy:
+            shape = (spec.depth, spec.topk) if tree else (spec.depth,)
+            vocab = self.net.shared.lm_head.weight.shape[0]
+            noise = self._noise.uniforms(math.prod(shape), vocab, dev, gen).view(*shape, vocab)
+        if tree:
+            body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
+        else:
+            body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
         if req.graphed and self.buf.graphs.usable("decode"):
-            key = ("step", k, depth, sampling, noise is None, req.global_image)
+            key = ("step", k, spec, sampling, noise is None, req.global_image)
             out = replay(self.buf.graphs, key, body, (ints, noise))
         else:
             out = body(ints, noise)
         req.n_cache += k
         req.n_fed += k
-        req.forwards += (1 if k else 0) + max(depth - 1, 0) // self.cfg.flash
+        req.forwards += (1 if k else 0) + (spec.depth - 1 if tree else max(spec.depth - 1, 0) // self.cfg.flash)
         return out
 
     @torch.no_grad()
@@ -1062,15 +1083,19 @@ class FeatureDrafter(Drafter):
         if req.n_fed == 0:
             self._feed_prompt(seq, upto)
         new = seq[req.n_fed + 1 : upto + 2]  # token[p + 1] of each position p not yet fed
-        if spec.kind == "chain" and req.device_chain:
-            tokens, probs, q_rows = self._run_step(new, spec.depth, sampling, gen)
+        # On the fast path chains and (single-head) dynamic trees are drafted on the device.
+        on_device = req.device_chain and (spec.kind == "chain" or spec.kind == "dynamic" and self.cfg.flash == 1)
+        if on_device and spec.kind == "chain":
+            tokens, probs, q_rows = self._run_step(new, spec, sampling, gen)
             tree = DraftTree(tokens=[0] * spec.depth, parents=list(range(-1, spec.depth - 1)),
                              depths=list(range(1, spec.depth + 1)), draft_probs=[0.0] * spec.depth)
             prop = Proposal(tree, {d - 1: q_rows[d] for d in range(spec.depth)}, device_tokens=tokens,
                             device_probs=probs)
+        elif on_device:
+            prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
         else:
             if new:
-                self._run_step(new, 0, sampling, gen)
+                self._run_step(new, NO_TREE, sampling, gen)
             prop = grow_tree(self._tree_expander(sampling), spec, not sampling.greedy, gen)
         prop.extras = {"drafter_forwards": req.forwards}
         if req.visual_map is not None:

@@ -85,21 +85,23 @@ def test_greedy_lossless_every_variant_llava(tiny_dir, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_device_chain_lossless_every_variant(tiny_dir, variant):
-    """The fast path's chain (`_step_body`: feed the accepted entries, then draft the whole chain on
-    the device; one CUDA graph on a GPU) runs eagerly here: same output as vanilla, same drafts as
-    the tree-grown chain of the eager path, on both families."""
+    """The fast path drafts chains and dynamic trees on the device (`_step_body`, `_tree_body`: feed
+    the accepted entries, then draft; one CUDA graph each on a GPU), eagerly here: same output as
+    vanilla, and the very drafts (tokens, tree, q, forwards) of the host-grown tree of the eager path."""
     for family in ("llava", "qwen2vl"):
         tgt, ref = target(tiny_dir, family), reference(tiny_dir, family)
         d = drafter(tiny_dir, family, variant)
-        runs = {}
-        for static in (False, True):
-            gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree="chain:4", static_cache=static))
-            assert gen.token_ids == ref.token_ids, f"{variant} {family} static={static}"
-            runs[static] = gen
-        for a, b in zip(runs[False].steps, runs[True].steps):
-            assert a.tree.tokens == b.tree.tokens and a.accepted == b.accepted, f"{variant} {family} step {a.index}"
-            assert a.extras.get("drafter_forwards") == b.extras.get("drafter_forwards")
-            assert np.allclose(a.tree.draft_probs, b.tree.draft_probs, atol=1e-4)
+        for tree in ("chain:4", "dynamic:16,5,3"):
+            runs = {}
+            for static in (False, True):
+                gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=static))
+                assert gen.token_ids == ref.token_ids, f"{variant} {family} {tree} static={static}"
+                runs[static] = gen
+            for a, b in zip(runs[False].steps, runs[True].steps):
+                where = f"{variant} {family} {tree} step {a.index}"
+                assert (a.tree.tokens, a.tree.parents, a.accepted) == (b.tree.tokens, b.tree.parents, b.accepted), where
+                assert a.extras.get("drafter_forwards") == b.extras.get("drafter_forwards"), where
+                assert np.allclose(a.tree.draft_probs, b.tree.draft_probs, atol=1e-4), where
 
 
 def test_device_chain_handles_a_prompt_without_image(tiny_dir):
@@ -301,7 +303,8 @@ def overfit(d, tgt, img, prompt, steps=80, n_seq=16):
 
 
 @pytest.mark.parametrize("variant,tree,static", [("eagle", "chain:3", None), ("pool2", "dynamic:8,3,3", None),
-                                                 ("eagle", "chain:3", True)])  # True: the device chain's Gumbel draws
+                                                 ("eagle", "chain:3", True), ("eagle", "dynamic:8,3,3", True)])
+# static=True: the fast path, whose chains and trees draw their Gumbel noise on the device
 def test_engine_sampling_matches_target_distribution(tiny_dir, variant, tree, static):
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
     prompt, img = "describe the image.", image(5)
