@@ -1,0 +1,408 @@
+"""EAGLE-3 heads in the vLLM / SGLang / SpecForge format (mmspec.eagle3_head).
+
+Heads are written here tensor by tensor from the format's description (not through the module under
+test): random weights sized from a tiny target's config, a reduced and shuffled draft vocabulary
+(non-trivial d2t), three distinct aux layers given in either engine's convention, with and without
+their own embed_tokens. Checked: greedy output equals vanilla for chains and dynamic trees on LLaVA
+and Qwen2-VL; the first draft distribution equals a re-implementation of the format's forward
+written in this file; sampling keeps the target's distribution; bad heads are refused with one
+line; export writes exactly the tensors vLLM's loader takes, and the exported head drafts the same.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DEVICE, DTYPE
+from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
+from mmspec.cli import main as cli_main
+from mmspec.drafters import DraftContext
+from mmspec.eagle3_head import aux_indices, create_head, export_eagle3, save_mmspec_head
+from mmspec.model import CachedModel
+from mmspec.tree import parse_tree_spec
+from mmspec.verify import Sampling
+from test_sampling import engine_pair_pvalue
+from tiny_models import build_llava, build_qwen2_vl, image
+
+PROMPT = "describe the image."
+N_NEW = 24
+TREES = ["chain:4", "dynamic:16,4,3"]
+LAYERS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle3")
+    build_llava(root / "llava", seed=10, layers=LAYERS)
+    build_qwen2_vl(root / "qwen2vl", seed=11, layers=LAYERS)
+    return root
+
+
+_targets: dict = {}
+
+
+def target(tdir, family):
+    if family not in _targets:
+        _targets[family] = load_target(str(tdir / family), DEVICE, DTYPE)
+    return _targets[family]
+
+
+def text_cfg(tgt):
+    c = tgt.model.config
+    return getattr(c, "text_config", None) or c
+
+
+# --- heads written straight from the format ---------------------------------------------------------
+
+
+def head_tensors(tgt, hidden, heads, kv, inter, draft_ids, own_embed, seed, scale=0.08):
+    """The format's tensors: names without a `model.` prefix, q/k/v over 2*hidden, fc over 3 target widths."""
+    tc = text_cfg(tgt)
+    Ht, V, d = tc.hidden_size, tc.vocab_size, hidden // heads
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * scale  # noqa: E731
+    one = lambda: 1.0 + rnd(hidden)  # noqa: E731
+    ids = torch.tensor(draft_ids)
+    t = {
+        "fc.weight": rnd(hidden, 3 * Ht) * 3, "midlayer.input_layernorm.weight": one(),
+        "midlayer.hidden_norm.weight": one(), "midlayer.post_attention_layernorm.weight": one(),
+        "midlayer.self_attn.q_proj.weight": rnd(heads * d, 2 * hidden) * 4,
+        "midlayer.self_attn.k_proj.weight": rnd(kv * d, 2 * hidden) * 4,
+        "midlayer.self_attn.v_proj.weight": rnd(kv * d, 2 * hidden), "midlayer.self_attn.o_proj.weight": rnd(hidden, heads * d),
+        "midlayer.mlp.gate_proj.weight": rnd(inter, hidden), "midlayer.mlp.up_proj.weight": rnd(inter, hidden),
+        "midlayer.mlp.down_proj.weight": rnd(hidden, inter), "norm.weight": one(),
+        "lm_head.weight": rnd(len(draft_ids), hidden) * 3,
+        "d2t": ids - torch.arange(len(ids)), "t2d": torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True),
+    }
+    if own_embed:
+        t["embed_tokens.weight"] = rnd(V, hidden) * 10
+    return t
+
+
+def head_config(tgt, hidden, heads, kv, inter, n_draft, aux, style="vllm", mrope=None):
+    tc = text_cfg(tgt)
+    raw = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter, "num_hidden_layers": 1,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "vocab_size": tc.vocab_size, "draft_vocab_size": n_draft,
+        "target_hidden_size": tc.hidden_size, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
+    if style == "vllm":
+        raw["eagle_aux_hidden_state_layer_ids"] = list(aux)
+    elif style == "sglang":  # SpecForge writes decoder-output ids; SGLang adds one
+        raw["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux], "use_aux_hidden_state": True}
+    if mrope:
+        raw["rope_scaling"] = {"type": "mrope", "mrope_section": list(mrope)}
+    return raw
+
+
+def draft_vocab(tgt, frac=0.6, seed=0):
+    """A reduced draft vocabulary in shuffled (not ascending) order: d2t is neither zero nor monotone."""
+    V = text_cfg(tgt).vocab_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(V, generator=g)[: int(V * frac)].tolist()
+
+
+# aux layers listed out of order on purpose: the engines concatenate lowest layer first.
+SPECS = {
+    "plain": dict(hidden=64, heads=4, kv=2, inter=96, own_embed=False, aux=(3, 0, 2), style="vllm"),
+    "own-embed-narrow": dict(hidden=48, heads=4, kv=2, inter=80, own_embed=True, aux=(1, 3, 2), style="sglang"),
+}
+MROPE = {"plain": (2, 3, 3), "own-embed-narrow": (2, 2, 2)}  # halves of head_dim 16 and 12
+
+
+def write_head(path, tgt, spec, seed=0, mrope=None, config_over=None, tensors_over=None):
+    s = dict(SPECS[spec])
+    ids = draft_vocab(tgt, seed=seed)
+    t = head_tensors(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], ids, s["own_embed"], seed)
+    raw = head_config(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], len(ids), s["aux"], s["style"], mrope)
+    raw.update(config_over or {})
+    for k, v in (tensors_over or {}).items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    save_file({k: v.contiguous() for k, v in t.items()}, str(path / "model.safetensors"))
+    return path
+
+
+_refs: dict = {}
+
+
+def vanilla(tdir, family):
+    if family not in _refs:
+        _refs[family] = generate(target(tdir, family), None, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW))
+    return _refs[family]
+
+
+# --- losslessness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_greedy_equals_vanilla(tdir, tmp_path, family, spec):
+    tgt = target(tdir, family)
+    mrope = MROPE[spec] if family == "qwen2vl" else None
+    d = load_drafter(str(write_head(tmp_path / "head", tgt, spec, mrope=mrope)), tgt)
+    assert d.target_layers == tuple(sorted(SPECS[spec]["aux"]))
+    accepted = 0
+    for tree in TREES:
+        gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree))
+        assert gen.token_ids == vanilla(tdir, family).token_ids, tree
+        assert gen.drafter_info["target_layers"] == list(d.target_layers)
+        accepted += sum(s.accepted_len for s in gen.steps)
+    gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[1], static_cache=True))
+    assert gen.token_ids == vanilla(tdir, family).token_ids, "static cache"
+
+
+# --- the format's forward, written independently --------------------------------------------------------
+
+
+def _rms(x, w, eps=1e-6):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x, pos, theta, section):
+    """RoPE on x [h, T, d] at positions pos [T] or, with M-RoPE, [3, T]: frequency j of the
+    half-dimension takes its position from the axis whose section contains j."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if section is None:
+        ang = pos.double()[:, None] * inv
+    else:
+        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+        ang = pos.double()[axis].T * inv  # [T, d/2]: frequency j uses the position on axis[j]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _layer(w, raw, hidden_in, emb, pos, keys=None):
+    """The midlayer over entries (hidden_in, emb) [T, H] at RoPE positions pos; keys = (k, v) of earlier
+    entries (all visible). Returns the pre-norm x [T, H], logits over the draft vocabulary, and (k, v) so far."""
+    T = hidden_in.shape[0]
+    h = _rms(hidden_in, w["midlayer.hidden_norm.weight"])
+    a_in = torch.cat([_rms(emb, w["midlayer.input_layernorm.weight"]), h], -1)
+    nh, nkv = raw["num_attention_heads"], raw["num_key_value_heads"]
+    d = raw["hidden_size"] // nh
+    section, theta = (raw.get("rope_scaling") or {}).get("mrope_section"), raw["rope_theta"]
+    proj = lambda name, n: (a_in @ w[f"midlayer.self_attn.{name}_proj.weight"].T).view(T, n, d).transpose(0, 1)  # noqa: E731
+    q, k, v = _rotate(proj("q", nh), pos, theta, section), _rotate(proj("k", nkv), pos, theta, section), proj("v", nkv)
+    if keys is not None:
+        k, v = torch.cat([keys[0], k], 1), torch.cat([keys[1], v], 1)
+    S = k.shape[1]
+    att = (q @ k.repeat_interleave(nh // nkv, 0).transpose(1, 2)) / d ** 0.5
+    visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # earlier entries, then causal among the new
+    att = att.masked_fill(~visible, float("-inf")).softmax(-1)
+    x = hidden_in + ((att @ v.repeat_interleave(nh // nkv, 0)).transpose(0, 1).reshape(T, -1)
+                     @ w["midlayer.self_attn.o_proj.weight"].T)
+    m = _rms(x, w["midlayer.post_attention_layernorm.weight"])
+    gate, up = m @ w["midlayer.mlp.gate_proj.weight"].T, m @ w["midlayer.mlp.up_proj.weight"].T
+    x = x + (torch.nn.functional.silu(gate) * up) @ w["midlayer.mlp.down_proj.weight"].T
+    return x, _rms(x, w["norm.weight"]) @ w["lm_head.weight"].T, (k, v)
+
+
+def _on_target_vocab(w, raw, logits, temperature):
+    q = torch.zeros(raw["vocab_size"], dtype=torch.float64)
+    q[torch.arange(len(w["d2t"])) + w["d2t"]] = torch.softmax(logits / temperature, -1)
+    return q
+
+
+@torch.no_grad()
+def reference_q(tgt, head_dir, inputs, first, second, temperature):
+    """The first two draft distributions over the target vocabulary from the files and the target's
+    own forward: step 1 reads fc(aux), step 2 (after drafting `second`) feeds back step 1's pre-norm x."""
+    raw = json.loads((head_dir / "config.json").read_text())
+    w = {k: v.double() if v.is_floating_point() else v for k, v in load_file(str(head_dir / "model.safetensors")).items()}
+    if "eagle_aux_hidden_state_layer_ids" in raw:
+        aux = sorted(raw["eagle_aux_hidden_state_layer_ids"])
+    else:
+        aux = sorted(i + 1 for i in raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+    hs = [h[0].double() for h in tgt.model(**inputs, output_hidden_states=True).hidden_states]
+    ids = inputs["input_ids"][0].tolist()
+    P = len(ids)
+    emb_w = w["embed_tokens.weight"] if "embed_tokens.weight" in w else tgt.model.get_input_embeddings().weight.detach().double()
+    if (raw.get("rope_scaling") or {}).get("mrope_section") is None:
+        pos = torch.arange(P + 1)
+    else:  # the target's 3-D positions; the drafted token one further on every axis
+        kw = {k: inputs[k] for k in ("image_grid_thw", "attention_mask", "mm_token_type_ids") if k in inputs}
+        pos = tgt.model.model.get_rope_index(inputs["input_ids"], **kw)[0][:, 0]
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    emb = emb_w[torch.tensor(ids[1:] + [first])]  # entry p: token p + 1; the last is the sampled token
+    h = torch.cat([hs[i] for i in aux], -1) @ w["fc.weight"].T
+    x, logits, keys = _layer(w, raw, h, emb, pos[..., :P])
+    _, logits2, _ = _layer(w, raw, x[-1:], emb_w[[second]], pos[..., P:], keys)
+    return _on_target_vocab(w, raw, logits[-1], temperature), _on_target_vocab(w, raw, logits2[0], temperature)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_draft_distributions_match_the_format(tdir, tmp_path, family, spec):
+    tgt = target(tdir, family)
+    head_dir = write_head(tmp_path / "head", tgt, spec, seed=3, mrope=MROPE[spec] if family == "qwen2vl" else None)
+    d = load_drafter(str(head_dir), tgt)
+    img = image(1)
+    inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
+    tm = CachedModel(tgt.model, tgt.family)
+    logits, hidden = tm.prefill(inputs, hidden=True)
+    first = int(logits.argmax())
+    feats = torch.stack([hidden[i][0] for i in d.target_layers])
+    d.start(DraftContext(img, PROMPT, inputs["input_ids"][0].tolist(), tgt, tm, feats, None, False, inputs))
+    prop = d.propose([first], parse_tree_spec("chain:2"), Sampling(0.8, 1.0), torch.Generator().manual_seed(0))
+    want = reference_q(tgt, head_dir, inputs, first, prop.tree.tokens[0], 0.8)
+    for node, q in zip((-1, 0), want):
+        got = prop.proposals[node].double().cpu()
+        assert (got[q == 0] == 0).all(), "tokens outside the draft vocabulary must have probability 0"
+        assert q.max() < 0.9, "a near one-hot distribution would hide errors"
+        torch.testing.assert_close(got, q, atol=2e-5, rtol=1e-4)
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+
+
+def agreeing_head(tgt, path, draft_ids):
+    """A head that re-runs the target's last decoder layer: fc picks hidden_states[L-1], q/k/v read
+    only the hidden half (the target's weights), hidden_norm / o / MLP / norms / lm_head are the
+    target's. Its first draft is the target's own distribution restricted to the draft vocabulary;
+    deeper drafts (fed back pre-norm states) are rougher: both acceptances and rejections happen."""
+    from mmspec.entropy import text_model
+
+    tc = text_cfg(tgt)
+    H, L, I = tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size
+    last = text_model(tgt.model).layers[L - 1]
+    t = head_tensors(tgt, H, tc.num_attention_heads, tc.num_key_value_heads, I, draft_ids, False, seed=7)
+    own = lambda m: m.weight.detach().clone()  # noqa: E731
+    t["fc.weight"] = torch.cat([torch.zeros(H, 2 * H), torch.eye(H)], 1)
+    t["midlayer.hidden_norm.weight"] = own(last.input_layernorm)
+    t["midlayer.post_attention_layernorm.weight"] = own(last.post_attention_layernorm)
+    for n in ("q", "k", "v"):
+        w = own(getattr(last.self_attn, f"{n}_proj"))
+        t[f"midlayer.self_attn.{n}_proj.weight"] = torch.cat([torch.zeros_like(w), w], 1)
+    t["midlayer.self_attn.o_proj.weight"] = own(last.self_attn.o_proj)
+    for n in ("gate", "up", "down"):
+        t[f"midlayer.mlp.{n}_proj.weight"] = own(getattr(last.mlp, f"{n}_proj"))
+    t["norm.weight"] = own(text_model(tgt.model).norm)
+    t["lm_head.weight"] = tgt.model.get_output_embeddings().weight.detach()[torch.tensor(draft_ids)].clone()
+    raw = head_config(tgt, H, tc.num_attention_heads, tc.num_key_value_heads, I, len(draft_ids), (0, 1, L - 1))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    save_file({k: v.contiguous() for k, v in t.items()}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
+def test_sampling_keeps_the_target_distribution(tmp_path_factory, tree):
+    root = tmp_path_factory.mktemp("eagle3-peaky")
+    tgt = load_target(str(build_llava(root / "t", seed=12, layers=LAYERS, peaky=12.0)), DEVICE, DTYPE)
+    d = load_drafter(str(agreeing_head(tgt, root / "head", draft_vocab(tgt, frac=0.7, seed=5))), tgt)
+    pvalue, accepted = engine_pair_pvalue(tgt, d, tree, n=600)
+    assert accepted > 0.2, "the head should get some drafts accepted, or the test proves little"
+    assert pvalue > 1e-3
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+BAD = {
+    "wrong target width": dict(config_over={"target_hidden_size": 32}),
+    "missing tensor": dict(tensors_over={"midlayer.hidden_norm.weight": None}),
+    "vocab mismatch": dict(config_over={"vocab_size": 999}),
+    "d2t collides": dict(tensors_over={"d2t": torch.zeros(1, dtype=torch.long)}),
+    "aux outside the target": dict(config_over={"eagle_aux_hidden_state_layer_ids": [0, 1, LAYERS]}),
+    "conventions disagree": dict(config_over={"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}}),
+    "extra tensor": dict(tensors_over={"fc.bias": torch.zeros(64)}),
+    "unsupported option": dict(config_over={"norm_before_fc": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_heads_are_refused_with_one_line(tdir, tmp_path, case, capsys):
+    tgt = target(tdir, "llava")
+    over = dict(BAD[case])
+    if case == "d2t collides":  # draft ids 0 and 1 both onto target id 5
+        n = len(draft_vocab(tgt))
+        over["tensors_over"] = {"d2t": torch.cat([torch.tensor([5, 4]), torch.zeros(n - 2, dtype=torch.long)])}
+    path = write_head(tmp_path / "bad", tgt, "plain", **over)
+    with pytest.raises(InputError):
+        load_drafter(str(path), tgt)
+    rc = cli_main(["generate", "--target", str(tdir / "llava"), "--drafter", str(path), "--prompt", PROMPT,
+                   "--max-new-tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err  # (transformers' loading progress bar also writes here)
+    assert rc == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
+
+
+def test_aux_layer_conventions():
+    assert aux_indices({"eagle_aux_hidden_state_layer_ids": [13, 2, 8]}, 16)[0] == (2, 8, 13)
+    assert aux_indices({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 7, 12]}}, 16)[0] == (2, 8, 13)
+    assert aux_indices({}, 16)[0] == (2, 8, 13)
+    with pytest.raises(InputError):
+        aux_indices({"eagle_aux_hidden_state_layer_ids": [2, 2, 8]}, 16)
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+def vllm_expected(raw, own_embed):
+    """What vLLM's Eagle3 loader takes for a one-layer head (t2d is read and skipped; embed_tokens optional)."""
+    H, I = raw["hidden_size"], raw["intermediate_size"]
+    d = raw.get("head_dim") or H // raw["num_attention_heads"]
+    qo, kv = raw["num_attention_heads"] * d, raw["num_key_value_heads"] * d
+    want = {"fc.weight": [H, 3 * raw["target_hidden_size"]], "norm.weight": [H], "lm_head.weight": [raw["draft_vocab_size"], H],
+            "d2t": [raw["draft_vocab_size"]], "t2d": [raw["vocab_size"]],
+            "midlayer.self_attn.q_proj.weight": [qo, 2 * H], "midlayer.self_attn.k_proj.weight": [kv, 2 * H],
+            "midlayer.self_attn.v_proj.weight": [kv, 2 * H], "midlayer.self_attn.o_proj.weight": [H, qo],
+            "midlayer.mlp.gate_proj.weight": [I, H], "midlayer.mlp.up_proj.weight": [I, H],
+            "midlayer.mlp.down_proj.weight": [H, I]}
+    want.update({f"midlayer.{n}.weight": [H] for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")})
+    if own_embed:
+        want["embed_tokens.weight"] = [raw["vocab_size"], H]
+    return want
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_export_then_load_drafts_the_same(tdir, tmp_path, family):
+    tgt = target(tdir, family)
+    d = create_head(tgt, aux=(1, 2, 3), draft_ids=draft_vocab(tgt, seed=9), seed=4)
+    with torch.no_grad():
+        for p in d.head.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    src = save_mmspec_head(d, tmp_path / "mmspec-head", {"trained": True})
+    assert cli_main(["export-eagle3", str(src), str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["LlamaForCausalLMEagle3"] and not (out / "mmspec_drafter.json").exists()
+    assert raw["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    assert (family == "qwen2vl") == ("mrope_section" in (raw.get("rope_scaling") or {}))
+    shapes = {k: list(v.shape) for k, v in load_file(str(out / "model.safetensors")).items()}
+    assert shapes == vllm_expected(raw, own_embed=False)
+    a, b = load_drafter(str(src), tgt), load_drafter(str(out), tgt)
+    for tree in TREES:
+        ga, gb = (generate(tgt, x, image(2), PROMPT, DecodeConfig(max_new_tokens=16, tree=tree)) for x in (a, b))
+        assert [s.tree.tokens for s in ga.steps] == [s.tree.tokens for s in gb.steps]
+        assert ga.token_ids == gb.token_ids == generate(tgt, None, image(2), PROMPT, DecodeConfig(max_new_tokens=16)).token_ids
+
+
+def test_export_refuses_the_old_eagle3_feature_drafter(tmp_path, capsys):
+    from mmspec.load import ASSETS
+
+    src = ASSETS / "models" / "mmspec-feat-eagle3"
+    with pytest.raises(InputError, match="older eagle3 feature drafter"):
+        export_eagle3(src, tmp_path / "out")
+    assert cli_main(["export-eagle3", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
