@@ -691,3 +691,9 @@ def _sized(tc, aux, draft_ids) -> HeadConfig:
         draft_vocab=len(set(draft_ids)) if draft_ids is not None else tc.vocab_size, target_hidden=tc.hidden_size,
         aux=tuple(sorted(aux)), aux_source="mmspec", mrope_section=tuple(section) if section else None,
     )
+
+
+# The row this drafter takes in the drafters registry the package refactor introduces
+# (name -> recognise, load, label); until then `load_drafter` calls the two functions directly.
+REGISTRY_ROW = {"kind": "eagle3", "label": "EAGLE-3 head (vLLM / SGLang / SpecForge format)",
+                "recognise": is_eagle3_head, "load": load_eagle3_head}

@@ -116,7 +116,8 @@ def draft_vocab(tgt, frac=0.6, seed=0):
 # aux layers listed out of order on purpose: the engines concatenate lowest layer first.
 SPECS = {
     "plain": dict(hidden=64, heads=4, kv=2, inter=96, own_embed=False, aux=(3, 0, 2), style="vllm"),
-    "own-embed-narrow": dict(hidden=48, heads=4, kv=2, inter=80, own_embed=True, aux=(1, 3, 2), style="sglang"),
+    "own-embed-narrow": dict(hidden=48, heads=4, kv=2, inter=80, own_embed=True, aux=(1, 3, 2), style="sglang",
+                             config={"norm_before_residual": True}),
 }
 MROPE = {"plain": (2, 3, 3), "own-embed-narrow": (2, 2, 2)}  # halves of head_dim 16 and 12
 
@@ -126,7 +127,7 @@ def write_head(path, tgt, spec, seed=0, mrope=None, config_over=None, tensors_ov
     ids = draft_vocab(tgt, seed=seed)
     t = head_tensors(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], ids, s["own_embed"], seed)
     raw = head_config(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], len(ids), s["aux"], s["style"], mrope)
-    raw.update(config_over or {})
+    raw.update({**s.get("config", {}), **(config_over or {})})
     for k, v in (tensors_over or {}).items():
         if v is None:
             t.pop(k)
@@ -206,7 +207,8 @@ def _layer(w, raw, hidden_in, emb, pos, keys=None):
     att = (q @ k.repeat_interleave(nh // nkv, 0).transpose(1, 2)) / d ** 0.5
     visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # earlier entries, then causal among the new
     att = att.masked_fill(~visible, float("-inf")).softmax(-1)
-    x = hidden_in + ((att @ v.repeat_interleave(nh // nkv, 0)).transpose(0, 1).reshape(T, -1)
+    residual = h if raw.get("norm_before_residual") else hidden_in
+    x = residual + ((att @ v.repeat_interleave(nh // nkv, 0)).transpose(0, 1).reshape(T, -1)
                      @ w["midlayer.self_attn.o_proj.weight"].T)
     m = _rms(x, w["midlayer.post_attention_layernorm.weight"])
     gate, up = m @ w["midlayer.mlp.gate_proj.weight"].T, m @ w["midlayer.mlp.up_proj.weight"].T
