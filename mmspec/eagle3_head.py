@@ -326,6 +326,31 @@ class Eagle3Head(nn.Module):
         return out
 
 
+def unroll(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int):
+    """Training-time test (EAGLE-3) over one sequence, teacher-forced: the draft logits the head gives
+    at every entry p for depths 1..steps along the true continuation, in one pass per depth.
+
+    aux [n, 3*Ht]: the aux features of target positions 0..n-1; tokens [n + steps]: the sequence's ids
+    (pad past its end; those rows carry no loss); positions [n] or [3, n]: entry p's RoPE position.
+    Depth j + 1 at entry p feeds token p + 1 + j with the pre-norm state of depth j at p, at position
+    p + j, attending to entries 0..p and to its own chain (the diagonal of every earlier depth) - the
+    very inputs and mask a tree node has at inference. Returns [steps] of logits [n, Vd]."""
+    n = aux.shape[0]
+    dev = head.fc.weight.device
+    hidden = head.first_hidden(aux.to(dev))
+    eye = torch.eye(n, dtype=torch.bool, device=dev)
+    mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    past, out = None, []
+    for j in range(steps):
+        emb = head.embed(tokens[1 + j : 1 + j + n])
+        x, logits, (k, v) = head.step(hidden[None], emb[None], head.rope(positions.to(dev) + j), mask[None], past)
+        out.append(logits[0])
+        past = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        mask = torch.cat([mask, eye], 1)  # the next depth sees this one on the diagonal only
+        hidden = x[0]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The engine-facing drafter
 

@@ -271,6 +271,46 @@ def test_draft_distributions_match_the_format(tdir, tmp_path, family, spec):
         torch.testing.assert_close(got, q, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
+    """`unroll` (the trainer's teacher-forced pass) gives the distributions the drafter proposes when
+    its chain is forced along the true continuation."""
+    import mmspec.eagle3_head as e3
+    from mmspec.tree import TreePool, _finish
+
+    tgt = target(tdir, family)
+    head_dir = write_head(tmp_path / "head", tgt, "plain", seed=5, mrope=MROPE["plain"] if family == "qwen2vl" else None)
+    d = load_drafter(str(head_dir), tgt)
+    img, depth = image(4), 3
+    inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
+    full = inputs["input_ids"][0].tolist() + generate(tgt, None, img, PROMPT, DecodeConfig(max_new_tokens=depth)).token_ids
+    P = inputs["input_ids"].shape[1]
+    rows = []
+
+    def forced_chain(expand, spec, sample, gen):
+        pool, q, parent = TreePool(), {}, -1
+        for j in range(depth):
+            q[parent] = expand(pool, [parent])[0]
+            rows.append(q[parent])
+            parent = pool.add(full[P + 1 + j] if P + 1 + j < len(full) else 0, parent, 0.0, 0.0)
+        return _finish(pool, list(range(len(pool.tokens))), q)
+
+    monkeypatch.setattr(e3, "grow_tree", forced_chain)
+    tm = CachedModel(tgt.model, tgt.family)
+    _, hidden = tm.prefill(inputs, hidden=True)
+    feats = torch.stack([hidden[i][0] for i in d.target_layers])
+    d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, feats, None, False, inputs))
+    d.propose(full[P : P + 1], parse_tree_spec(f"chain:{depth}"), Sampling(0.0), None)
+    aux = feats.permute(1, 0, 2).reshape(P, -1)
+    pos = d.req.prompt_pos
+    tokens = torch.tensor(full[: P + depth] + [0] * max(0, P + depth - len(full)))
+    with torch.no_grad():
+        logits = e3.unroll(d.head, aux, tokens, pos, depth)
+    for j, row in enumerate(rows):
+        want = torch.softmax(d.head.target_logits(logits[j][P - 1].float()), -1)
+        torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-4)
+
+
 # --- sampling ---------------------------------------------------------------------------------------
 
 
