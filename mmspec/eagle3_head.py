@@ -60,7 +60,7 @@ META_FILE = "mmspec_drafter.json"  # present in heads trained by mmspec (trainin
 MARKER = "mmspec-eagle3-head"
 MARKER_VERSION = 1
 # Config switches of newer heads this module does not implement; each would change the forward.
-UNSUPPORTED = ("norm_before_fc", "fc_norm", "norm_output", "attention_bias", "mlp_bias", "mrope_interleaved")
+UNSUPPORTED = ("norm_before_fc", "fc_norm", "norm_output", "attention_bias", "mlp_bias")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class HeadConfig:
     act: str = "silu"
     logit_scale: float = 1.0
     mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False  # Qwen3-VL's layout (t, h, w frequencies interleaved) vs Qwen2-VL's (in blocks)
     own_embed: bool = False
 
 
@@ -109,18 +110,16 @@ def aux_indices(raw: dict, n_layers: int) -> tuple[tuple[int, ...], str]:
     return tuple(sorted(ids)), note
 
 
-def _rope(raw: dict) -> tuple[float, tuple[int, ...] | None]:
-    """(rope_theta, mrope_section or None); other RoPE scalings are refused, not approximated."""
+def _rope(raw: dict) -> tuple[float, tuple[int, ...] | None, bool]:
+    """(rope_theta, mrope_section or None, interleaved); other RoPE scalings are refused, not approximated."""
     rs = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     theta = float(raw.get("rope_theta") or rs.get("rope_theta") or 10000.0)
     kind = rs.get("rope_type", rs.get("type", "default"))
     if "mrope_section" in rs or kind == "mrope":
-        if rs.get("mrope_interleaved"):
-            raise InputError("interleaved M-RoPE heads (Qwen3-VL) are not supported yet")
-        return theta, tuple(int(s) for s in rs.get("mrope_section", ()))
+        return theta, tuple(int(s) for s in rs.get("mrope_section", ())), bool(rs.get("mrope_interleaved", False))
     if kind not in (None, "default"):
         raise InputError(f"the head's RoPE scaling {kind!r} is not supported (only default and mrope)")
-    return theta, None
+    return theta, None, False
 
 
 def _refuse_options(raw: dict) -> None:
@@ -141,7 +140,7 @@ def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
     tc = text_config(target_model)
     try:
         H, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        theta, mrope = _rope(raw)
+        theta, mrope, interleaved = _rope(raw)
         aux, note = aux_indices(raw, tc.num_hidden_layers)
         cfg = HeadConfig(
             hidden=H, heads=heads, kv_heads=int(raw.get("num_key_value_heads") or heads),
@@ -150,7 +149,8 @@ def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
             draft_vocab=int(raw.get("draft_vocab_size") or raw["vocab_size"]),
             target_hidden=int(raw.get("target_hidden_size") or H), aux=aux, aux_source=note,
             norm_before_residual=bool(raw.get("norm_before_residual", False)), act=str(raw.get("hidden_act", "silu")),
-            logit_scale=float(raw.get("logit_scale", 1.0)), mrope_section=mrope, own_embed=own_embed,
+            logit_scale=float(raw.get("logit_scale", 1.0)), mrope_section=mrope, mrope_interleaved=interleaved,
+            own_embed=own_embed,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"config.json lacks or garbles a Llama field: {e}") from e
@@ -214,6 +214,19 @@ def check_tensors(state: dict[str, torch.Tensor], cfg: HeadConfig) -> None:
 
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def mrope_axes(section: tuple[int, ...], interleaved: bool) -> torch.Tensor:
+    """Which position axis (0 = t, 1 = h, 2 = w) drives each of the head_dim / 2 rotary frequencies:
+    Qwen2-VL takes consecutive blocks of `section` sizes; Qwen3-VL interleaves t, h, w, each of h and
+    w covering the first 3 * section[axis] frequencies."""
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+    j = torch.arange(sum(section))
+    axes = torch.zeros_like(j)
+    for a in (1, 2):
+        axes[(j % 3 == a) & (j < 3 * section[a])] = a
+    return axes
 
 
 class _Attention(nn.Module):
@@ -290,9 +303,7 @@ class Eagle3Head(nn.Module):
         if c.mrope_section is None:
             return rope_cos_sin(positions.view(1, -1), c.head_dim, c.rope_theta)
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=positions.device, dtype=torch.float32) / c.head_dim))
-        f = positions.float()[..., None] * inv  # [3, T, d/2]
-        # Qwen2-VL's layout: consecutive frequency chunks of mrope_section taken from axes t, h, w in turn.
-        f = torch.cat([chunk[i % 3] for i, chunk in enumerate(f.split(list(c.mrope_section), -1))], -1)
+        f = positions.float()[mrope_axes(c.mrope_section, c.mrope_interleaved).to(positions.device)].T * inv  # [T, d/2]
         emb = torch.cat((f, f), -1)[None, None]
         return emb.cos(), emb.sin()
 
@@ -604,6 +615,8 @@ def head_config_json(cfg: HeadConfig, dtype: torch.dtype, extra: dict | None = N
         raw["logit_scale"] = cfg.logit_scale
     if cfg.mrope_section is not None:
         raw["rope_scaling"] = {"type": "mrope", "rope_type": "default", "mrope_section": list(cfg.mrope_section)}
+        if cfg.mrope_interleaved:
+            raw["rope_scaling"]["mrope_interleaved"] = True
     return {**raw, **(extra or {})}
 
 
@@ -708,13 +721,15 @@ def _sized(tc, aux, draft_ids) -> HeadConfig:
     from mmspec.feature_drafter import rope_theta
 
     heads = tc.num_attention_heads
-    section = (getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}).get("mrope_section")
+    rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+    section = rope.get("mrope_section")
     return HeadConfig(
         hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads, intermediate=tc.intermediate_size,
         eps=float(getattr(tc, "rms_norm_eps", 1e-6)), rope_theta=rope_theta(tc), vocab=tc.vocab_size,
         draft_vocab=len(set(draft_ids)) if draft_ids is not None else tc.vocab_size, target_hidden=tc.hidden_size,
         aux=tuple(sorted(aux)), aux_source="mmspec", mrope_section=tuple(section) if section else None,
+        mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
     )
 
 

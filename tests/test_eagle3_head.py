@@ -395,6 +395,33 @@ def test_aux_layer_conventions():
         aux_indices({"eagle_aux_hidden_state_layer_ids": [2, 2, 8]}, 16)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_mrope_layout_matches_transformers(family):
+    """The head's M-RoPE (block layout for Qwen2-VL heads, interleaved for Qwen3-VL heads) against
+    transformers' own rotary embedding of that family, at random 3-D positions."""
+    import importlib
+
+    from mmspec.eagle3_head import Eagle3Head, HeadConfig
+
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    conf = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    section, d = [4, 6, 6], 32
+    Text = conf.Qwen2VLTextConfig if family == "qwen2_vl" else conf.Qwen3VLTextConfig
+    rope = {"rope_type": "default", "rope_theta": 5000.0, "mrope_section": section}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    tc = Text(hidden_size=4 * d, num_attention_heads=4, head_dim=d, rope_parameters=rope)
+    Rot = mod.Qwen2VLRotaryEmbedding if family == "qwen2_vl" else mod.Qwen3VLTextRotaryEmbedding
+    pos = torch.randint(0, 300, (3, 1, 7))
+    cos, sin = Rot(tc)(torch.zeros(1, dtype=torch.float32), pos)
+    cfg = HeadConfig(hidden=4 * d, heads=4, kv_heads=4, head_dim=d, intermediate=8, eps=1e-6, rope_theta=5000.0, vocab=8,
+                     draft_vocab=8, target_hidden=4 * d, aux=(0, 1, 2), aux_source="test", mrope_section=tuple(section),
+                     mrope_interleaved=family == "qwen3_vl")
+    got_cos, got_sin = Eagle3Head(cfg).rope(pos[:, 0])
+    torch.testing.assert_close(got_cos[0, 0], cos[0].float())
+    torch.testing.assert_close(got_sin[0, 0], sin[0].float())
+
+
 # --- export -----------------------------------------------------------------------------------------
 
 
