@@ -539,15 +539,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))  # the original EAGLE-3 heads
     if not files:
-        raise InputError(f"{path} has no .safetensors weights (pytorch_model.bin heads: convert them first)")
+        raise InputError(f"{path} has no model.safetensors (or pytorch_model.bin) weights")
     state: dict[str, torch.Tensor] = {}
     try:
-        for f in files:
-            state.update(load_file(str(f)))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"cannot read the head's weights in {path}: {e}") from e
+        for f in files:  # weights_only: a .bin is a pickle, and a head directory may come from anywhere
+            state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise InputError(f"cannot read the head's weights in {path}: {str(e).splitlines()[0][:200]}") from e
     # Some trainers save the midlayer under `model.`; the engines' loaders expect bare names.
     return {k.removeprefix("model."): v for k, v in state.items()}
 

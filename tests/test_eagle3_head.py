@@ -367,6 +367,7 @@ BAD = {
     "conventions disagree": dict(config_over={"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}}),
     "extra tensor": dict(tensors_over={"fc.bias": torch.zeros(64)}),
     "unsupported option": dict(config_over={"norm_before_fc": True}),
+    "unsupported rope": dict(config_over={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
 }
 
 
@@ -385,6 +386,19 @@ def test_bad_heads_are_refused_with_one_line(tdir, tmp_path, case, capsys):
     err = capsys.readouterr().err  # (transformers' loading progress bar also writes here)
     assert rc == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
+
+
+def test_pytorch_bin_heads_load_like_safetensors(tdir, tmp_path):
+    """The original EAGLE-3 releases ship pytorch_model.bin (vLLM reads both)."""
+    tgt = target(tdir, "llava")
+    st = write_head(tmp_path / "st", tgt, "plain")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "config.json").write_text((st / "config.json").read_text())
+    torch.save({f"model.{k}" if k.startswith("midlayer") else k: v for k, v in load_file(str(st / "model.safetensors")).items()},
+               binary / "pytorch_model.bin")  # some trainers keep a `model.` prefix: read as bare names
+    a, b = (generate(tgt, load_drafter(str(p), tgt), image(0), PROMPT, DecodeConfig(max_new_tokens=12)) for p in (st, binary))
+    assert [s.tree.tokens for s in a.steps] == [s.tree.tokens for s in b.steps]
 
 
 def test_aux_layer_conventions():
