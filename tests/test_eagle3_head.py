@@ -317,8 +317,9 @@ def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
 def agreeing_head(tgt, path, draft_ids):
     """A head that re-runs the target's last decoder layer: fc picks hidden_states[L-1], q/k/v read
     only the hidden half (the target's weights), hidden_norm / o / MLP / norms / lm_head are the
-    target's. Its first draft is the target's own distribution restricted to the draft vocabulary;
-    deeper drafts (fed back pre-norm states) are rougher: both acceptances and rejections happen."""
+    target's. Its first draft is the target's distribution one position back (for the token just
+    committed) on the draft vocabulary: on this peaky, repetitive target often accepted, often not
+    (measured: 0.21 accepted drafts per run for chain:3, 0.40 for dynamic:8,3,3)."""
     from mmspec.entropy import text_model
 
     tc = text_cfg(tgt)
