@@ -192,7 +192,10 @@ def expected_shapes(cfg: HeadConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(state: dict[str, torch.Tensor], cfg: HeadConfig) -> None:
-    """Names, shapes and the vocabulary map; t2d may be absent (the engines never read it)."""
+    """Names, shapes and the vocabulary map, completing what the engines let a head omit: t2d (never
+    read) and, for a full-vocabulary head, d2t (vLLM then maps draft id i to target id i)."""
+    if "d2t" not in state and cfg.draft_vocab == cfg.vocab:
+        state["d2t"] = torch.zeros(cfg.vocab, dtype=torch.long)
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in state and k != "t2d"]
     extra = [k for k in state if k not in want]
@@ -207,6 +210,7 @@ def check_tensors(state: dict[str, torch.Tensor], cfg: HeadConfig) -> None:
     ids = torch.arange(cfg.draft_vocab) + d2t.long()
     if bool((ids < 0).any() or (ids >= cfg.vocab).any()) or len(set(ids.tolist())) != cfg.draft_vocab:
         raise InputError("d2t maps draft ids outside the target vocabulary or two draft ids to one target id")
+    state.setdefault("t2d", _t2d(d2t, cfg))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,7 +568,6 @@ def load_eagle3_head(path, target, name: str | None = None) -> Eagle3HeadDrafter
     cfg = parse_config(raw, target.model, own_embed="embed_tokens.weight" in state)
     check_tensors(state, cfg)
     head = Eagle3Head(cfg, target.model.get_input_embeddings())
-    state.setdefault("t2d", _t2d(state["d2t"], cfg))
     head.load_state_dict(state, strict=True)
     from mmspec.model import last_layer_device
 
@@ -659,7 +662,6 @@ def export_eagle3(src, out) -> Path:
     state = _read_weights(src)
     cfg = _standalone_config(raw, own_embed="embed_tokens.weight" in state)
     check_tensors(state, cfg)
-    state.setdefault("t2d", _t2d(state["d2t"], cfg))
     head = Eagle3Head(cfg)
     head.load_state_dict(state, strict=True)
     if out.resolve() == src.resolve():

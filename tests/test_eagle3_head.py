@@ -402,6 +402,20 @@ def test_pytorch_bin_heads_load_like_safetensors(tdir, tmp_path):
     assert [s.tree.tokens for s in a.steps] == [s.tree.tokens for s in b.steps]
 
 
+def test_full_vocabulary_head_may_omit_d2t_and_t2d(tdir, tmp_path):
+    tgt = target(tdir, "llava")
+    V = text_cfg(tgt).vocab_size
+    path = write_head(tmp_path / "full", tgt, "plain", config_over={"draft_vocab_size": None},
+                      tensors_over={"d2t": None, "t2d": None, "lm_head.weight": torch.randn(V, 64) * 0.2})
+    d = load_drafter(str(path), tgt)
+    assert d.cfg.draft_vocab == V and torch.equal(d.head.target_ids().cpu(), torch.arange(V))
+    gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[1]))
+    assert gen.token_ids == vanilla(tdir, "llava").token_ids
+    reduced = write_head(tmp_path / "reduced", tgt, "plain", tensors_over={"d2t": None})
+    with pytest.raises(InputError, match="d2t"):
+        load_drafter(str(reduced), tgt)
+
+
 def test_aux_layer_conventions():
     assert aux_indices({"eagle_aux_hidden_state_layer_ids": [13, 2, 8]}, 16)[0] == (2, 8, 13)
     assert aux_indices({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 7, 12]}}, 16)[0] == (2, 8, 13)
