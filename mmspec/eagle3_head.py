@@ -35,6 +35,15 @@ M-RoPE (`rope_scaling` with `mrope_section`, or type "mrope"): entries take the 
 positions (the prompt's from the family's rope index, later ones index + rope delta on all axes)
 and tree node at depth d sits at the root entry's position + d on all three axes (vLLM's
 `positions += 1`). A 1-D head uses sequence indices (for a 1-D target they are its positions).
+
+Training one here (what `train_feature.py` does for the eagle3 variant once wired): `create_head(target,
+aux, draft_ids)` builds a format head (lm_head rows copied from the target's for the draft vocabulary,
+the target's embeddings shared and frozen); per sequence, aux = the target's hidden_states at
+`head.cfg.aux` concatenated lowest first, `unroll(head, aux, ids, positions, steps)` gives the draft
+logits of depths 1..steps at every entry in one pass per depth (the inputs and masks drafting uses);
+the loss at depth j + 1, entry p compares them with the target's distribution of token p + 2 + j
+restricted to the draft vocabulary; `save_mmspec_head` writes a directory `--drafter` loads and
+`export-eagle3` turns into a clean head for vLLM / SGLang.
 """
 from __future__ import annotations
 
