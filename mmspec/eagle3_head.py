@@ -177,7 +177,7 @@ def _check_target(cfg: HeadConfig, tc) -> None:
                          f"{tc.hidden_size}-wide embeddings")
     if cfg.mrope_section is not None and 2 * sum(cfg.mrope_section) != cfg.head_dim:
         raise InputError(f"mrope_section {list(cfg.mrope_section)} does not cover head_dim {cfg.head_dim}")
-    if cfg.act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+    if cfg.act not in ACTS:
         raise InputError(f"hidden_act {cfg.act!r} is not supported")
 
 
@@ -531,9 +531,10 @@ class Eagle3HeadDrafter(Drafter):
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def is_eagle3_head(path) -> bool:
