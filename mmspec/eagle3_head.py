@@ -92,6 +92,7 @@ class HeadConfig:
     mrope_section: tuple[int, ...] | None = None
     mrope_interleaved: bool = False  # Qwen3-VL's layout (t, h, w frequencies interleaved) vs Qwen2-VL's (in blocks)
     own_embed: bool = False
+    max_positions: int = 8192  # written back to config.json: the engines bound the draft's context by it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
             target_hidden=int(raw.get("target_hidden_size") or H), aux=aux, aux_source=note,
             norm_before_residual=bool(raw.get("norm_before_residual", False)), act=str(raw.get("hidden_act", "silu")),
             logit_scale=float(raw.get("logit_scale", 1.0)), mrope_section=mrope, mrope_interleaved=interleaved,
-            own_embed=own_embed,
+            own_embed=own_embed, max_positions=int(raw.get("max_position_embeddings") or 8192),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"config.json lacks or garbles a Llama field: {e}") from e
@@ -619,17 +620,19 @@ def head_config_json(cfg: HeadConfig, dtype: torch.dtype, extra: dict | None = N
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate,
         "num_hidden_layers": 1, "rms_norm_eps": cfg.eps, "hidden_act": cfg.act, "vocab_size": cfg.vocab,
         "draft_vocab_size": cfg.draft_vocab, "target_hidden_size": cfg.target_hidden, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False, "attention_bias": False,
+        "max_position_embeddings": cfg.max_positions, "tie_word_embeddings": False, "attention_bias": False,
         "norm_before_residual": cfg.norm_before_residual, "torch_dtype": str(dtype).replace("torch.", ""),
         "eagle_aux_hidden_state_layer_ids": list(cfg.aux),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in cfg.aux], "use_aux_hidden_state": True},
     }
     if cfg.logit_scale != 1.0:
         raw["logit_scale"] = cfg.logit_scale
-    if cfg.mrope_section is not None:
-        raw["rope_scaling"] = {"type": "mrope", "rope_type": "default", "mrope_section": list(cfg.mrope_section)}
-        if cfg.mrope_interleaved:
-            raw["rope_scaling"]["mrope_interleaved"] = True
+    # The forms the targets' own configs use (Qwen2.5-VL: legacy type "mrope"; Qwen3-VL: rope_type
+    # "default" + mrope_interleaved). Never both keys: vLLM refuses a type that contradicts rope_type.
+    if cfg.mrope_section is not None and cfg.mrope_interleaved:
+        raw["rope_scaling"] = {"rope_type": "default", "mrope_section": list(cfg.mrope_section), "mrope_interleaved": True}
+    elif cfg.mrope_section is not None:
+        raw["rope_scaling"] = {"type": "mrope", "mrope_section": list(cfg.mrope_section)}
     return {**raw, **(extra or {})}
 
 
@@ -742,6 +745,7 @@ def _sized(tc, aux, draft_ids) -> HeadConfig:
         draft_vocab=len(set(draft_ids)) if draft_ids is not None else tc.vocab_size, target_hidden=tc.hidden_size,
         aux=tuple(sorted(aux)), aux_source="mmspec", mrope_section=tuple(section) if section else None,
         mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
+        max_positions=int(getattr(tc, "max_position_embeddings", None) or 8192),
     )
 
 

@@ -485,7 +485,10 @@ def test_export_then_load_drafts_the_same(tdir, tmp_path, family):
     assert raw["architectures"] == ["LlamaForCausalLMEagle3"] and not (out / "mmspec_drafter.json").exists()
     assert raw["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
     assert raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
-    assert (family == "qwen2vl") == ("mrope_section" in (raw.get("rope_scaling") or {}))
+    rope = raw.get("rope_scaling") or {}
+    assert (family == "qwen2vl") == ("mrope_section" in rope)
+    assert not ("type" in rope and "rope_type" in rope), "vLLM refuses both keys when they differ"
+    assert raw["max_position_embeddings"] == text_cfg(tgt).max_position_embeddings
     shapes = {k: list(v.shape) for k, v in load_file(str(out / "model.safetensors")).items()}
     assert shapes == vllm_expected(raw, own_embed=False)
     a, b = load_drafter(str(src), tgt), load_drafter(str(out), tgt)
