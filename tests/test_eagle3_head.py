@@ -4,8 +4,9 @@ Heads are written here tensor by tensor from the format's description (not throu
 test): random weights sized from a tiny target's config, a reduced and shuffled draft vocabulary
 (non-trivial d2t), three distinct aux layers given in either engine's convention, with and without
 their own embed_tokens. Checked: greedy output equals vanilla for chains and dynamic trees on LLaVA
-and Qwen2-VL; the first draft distribution equals a re-implementation of the format's forward
-written in this file; sampling keeps the target's distribution; bad heads are refused with one
+and Qwen2-VL, with heads briefly fitted through `unroll` so that drafts are accepted (random heads
+never are); the first two draft distributions equal a re-implementation of the format's forward
+written in this file; `unroll` (the training pass) equals drafting; sampling keeps the target's distribution; bad heads are refused with one
 line; export writes exactly the tensors vLLM's loader takes, and the exported head drafts the same.
 """
 import json
@@ -106,11 +107,14 @@ def head_config(tgt, hidden, heads, kv, inter, n_draft, aux, style="vllm", mrope
     return raw
 
 
-def draft_vocab(tgt, frac=0.6, seed=0):
-    """A reduced draft vocabulary in shuffled (not ascending) order: d2t is neither zero nor monotone."""
+def draft_vocab(tgt, frac=0.6, seed=0, keep=()):
+    """A reduced draft vocabulary in shuffled (not ascending) order: d2t is neither zero nor monotone.
+    `keep`: target ids it must hold (as a frequency-chosen vocabulary would hold the common tokens)."""
     V = text_cfg(tgt).vocab_size
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(V, generator=g)[: int(V * frac)].tolist()
+    rest = [t for t in torch.randperm(V, generator=g).tolist() if t not in set(keep)]
+    ids = list(dict.fromkeys(keep)) + rest[: int(V * frac) - len(set(keep))]
+    return [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
 
 
 # aux layers listed out of order on purpose: the engines concatenate lowest layer first.
@@ -122,9 +126,9 @@ SPECS = {
 MROPE = {"plain": (2, 3, 3), "own-embed-narrow": (2, 2, 2)}  # halves of head_dim 16 and 12
 
 
-def write_head(path, tgt, spec, seed=0, mrope=None, config_over=None, tensors_over=None):
+def write_head(path, tgt, spec, seed=0, mrope=None, config_over=None, tensors_over=None, keep=()):
     s = dict(SPECS[spec])
-    ids = draft_vocab(tgt, seed=seed)
+    ids = draft_vocab(tgt, seed=seed, keep=keep)
     t = head_tensors(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], ids, s["own_embed"], seed)
     raw = head_config(tgt, s["hidden"], s["heads"], s["kv"], s["inter"], len(ids), s["aux"], s["style"], mrope)
     raw.update({**s.get("config", {}), **(config_over or {})})
@@ -151,21 +155,67 @@ def vanilla(tdir, family):
 # --- losslessness -----------------------------------------------------------------------------------
 
 
+def fit(tgt, d, tokens_out, steps=12, depth=3):
+    """Teacher-force the loaded head on one continuation with `unroll` (the trainer's pass): cross-
+    entropy on the draft vocabulary for depths 1..3, 0.8**j weights. Random heads are never accepted;
+    a fitted one is, so the tests below also exercise accepted paths, bonus tokens and rollback."""
+    from mmspec.eagle3_head import unroll
+
+    img = image(0)
+    inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
+    P = inputs["input_ids"].shape[1]
+    full = inputs["input_ids"][0].tolist() + tokens_out
+    # Per-token inputs grow with the sequence (attention mask, token types: the added tokens are text).
+    seq = {k: torch.cat([v, v[:, -1:].expand(1, len(full) - P)], 1) if v.dim() == 2 and v.shape == (1, P) else v
+           for k, v in inputs.items()}
+    seq["input_ids"] = torch.tensor([full])
+    with torch.no_grad():
+        hs = tgt.model(**seq, output_hidden_states=True).hidden_states
+    aux = torch.cat([hs[i][0] for i in d.target_layers], -1)[:-1]  # entry p: features p, token p + 1
+    n = aux.shape[0]
+    tm = CachedModel(tgt.model, tgt.family)
+    tm.prefill(inputs)
+    d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, aux[:P].view(P, 3, -1).transpose(0, 1), None, False, inputs))
+    pos = d._positions(0, n)
+    d.finish()
+    draft_id = torch.full((d.cfg.vocab,), -1)
+    draft_id[d.head.target_ids()] = torch.arange(d.cfg.draft_vocab)
+    tokens = torch.tensor(full + [0] * depth)
+    opt = torch.optim.Adam(d.head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = 0.0
+        for j, logits in enumerate(unroll(d.head, aux, tokens, pos, depth)):
+            label = draft_id[tokens[2 + j : 2 + j + n]]  # depth j + 1 at entry p predicts token p + 2 + j
+            label[: P - 2] = -1  # the prompt is the processor's, not the model's: no loss there
+            label[max(0, len(full) - 2 - j):] = -1  # beyond the sequence
+            loss = loss + 0.8 ** j * torch.nn.functional.cross_entropy(logits.float(), label, ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses[0], losses[-1]
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_greedy_equals_vanilla(tdir, tmp_path, family, spec):
     tgt = target(tdir, family)
+    ref = vanilla(tdir, family).token_ids
     mrope = MROPE[spec] if family == "qwen2vl" else None
-    d = load_drafter(str(write_head(tmp_path / "head", tgt, spec, mrope=mrope)), tgt)
+    d = load_drafter(str(write_head(tmp_path / "head", tgt, spec, mrope=mrope, keep=ref)), tgt)
     assert d.target_layers == tuple(sorted(SPECS[spec]["aux"]))
+    first, last = fit(tgt, d, ref)
+    assert last < 0.5 * first
     accepted = 0
     for tree in TREES:
         gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree))
-        assert gen.token_ids == vanilla(tdir, family).token_ids, tree
+        assert gen.token_ids == ref, tree
         assert gen.drafter_info["target_layers"] == list(d.target_layers)
         accepted += sum(s.accepted_len for s in gen.steps)
+    assert accepted >= N_NEW, "drafts must be accepted, or greedy equality proves little"
     gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[1], static_cache=True))
-    assert gen.token_ids == vanilla(tdir, family).token_ids, "static cache"
+    assert gen.token_ids == ref, "static cache"
 
 
 # --- the format's forward, written independently --------------------------------------------------------
