@@ -86,6 +86,7 @@ class HeadConfig:
     target_hidden: int
     aux: tuple[int, ...]  # HF hidden_states indices, ascending = the order fc reads them
     aux_source: str  # where the ids came from, in words (for the app)
+    engines_read: tuple = ()  # (("vLLM", ids), ("SGLang", ids)): what each engine would feed this head
     norm_before_residual: bool = False
     act: str = "silu"
     logit_scale: float = 1.0
@@ -143,6 +144,17 @@ def _refuse_options(raw: dict) -> None:
         raise InputError("this head reads the last layer only (use_aux_hidden_state false): not an EAGLE-3 fusion head")
 
 
+def engines_read(raw: dict, n_layers: int) -> tuple:
+    """The hidden_states indices each engine would feed this head, from its own reading of the config:
+    a head trained with one convention and served by the other engine reads other layers."""
+    default = sorted({2, n_layers // 2, n_layers - 3})
+    top = raw.get("eagle_aux_hidden_state_layer_ids")
+    ec = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    vllm = sorted(int(i) for i in top) if top is not None else default
+    sglang = sorted(int(i) + 1 for i in ec) if ec is not None else default
+    return (("vLLM", tuple(vllm)), ("SGLang", tuple(sglang)))
+
+
 def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
     if ARCH not in (raw.get("architectures") or []):
         raise InputError(f"config.json's architectures {raw.get('architectures')} do not name {ARCH}")
@@ -158,6 +170,7 @@ def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
             eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta, vocab=int(raw["vocab_size"]),
             draft_vocab=int(raw.get("draft_vocab_size") or raw["vocab_size"]),
             target_hidden=int(raw.get("target_hidden_size") or H), aux=aux, aux_source=note,
+            engines_read=engines_read(raw, tc.num_hidden_layers),
             norm_before_residual=bool(raw.get("norm_before_residual", False)), act=str(raw.get("hidden_act", "silu")),
             logit_scale=float(raw.get("logit_scale", 1.0)), mrope_section=mrope, mrope_interleaved=interleaved,
             own_embed=own_embed, max_positions=int(raw.get("max_position_embeddings") or 8192),
@@ -411,6 +424,7 @@ class Eagle3HeadDrafter(Drafter):
         c = self.cfg
         return {
             "name": self.name, "kind": self.kind, "target_layers": list(c.aux), "aux_layers_from": c.aux_source,
+            "engines_would_read": {e: list(ids) for e, ids in c.engines_read},
             "draft_vocab": c.draft_vocab, "vocab": c.vocab, "own_embed_tokens": c.own_embed,
             "mrope_section": list(c.mrope_section) if c.mrope_section else None,
             "norm_before_residual": c.norm_before_residual, "trained": self.meta.get("trained", True),

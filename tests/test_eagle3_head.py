@@ -19,7 +19,7 @@ from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
 from mmspec.drafters import DraftContext
-from mmspec.eagle3_head import aux_indices, create_head, export_eagle3, save_mmspec_head
+from mmspec.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
 from mmspec.model import CachedModel
 from mmspec.tree import parse_tree_spec
 from mmspec.verify import Sampling
@@ -472,6 +472,9 @@ def test_aux_layer_conventions():
     assert aux_indices({}, 16)[0] == (2, 8, 13)
     with pytest.raises(InputError):
         aux_indices({"eagle_aux_hidden_state_layer_ids": [2, 2, 8]}, 16)
+    # A SpecForge config served by vLLM: vLLM ignores eagle_config and falls back to its default.
+    assert dict(engines_read({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 5, 9]}}, 16)) == {
+        "vLLM": (2, 8, 13), "SGLang": (1, 6, 10)}
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
