@@ -183,7 +183,8 @@ def parse_config(raw: dict, target_model, own_embed: bool) -> HeadConfig:
 
 def _check_target(cfg: HeadConfig, tc) -> None:
     if cfg.target_hidden != tc.hidden_size:
-        raise InputError(f"the head reads target hidden states of width {cfg.target_hidden}; this target's are {tc.hidden_size}")
+        raise InputError(f"the head reads target hidden states of width {cfg.target_hidden}; "
+                         f"this target's are {tc.hidden_size}")
     if cfg.vocab != tc.vocab_size:
         raise InputError(f"the head's vocab_size {cfg.vocab} is not this target's {tc.vocab_size}")
     if not cfg.own_embed and cfg.hidden != tc.hidden_size:
@@ -206,7 +207,8 @@ def expected_shapes(cfg: HeadConfig) -> dict[str, tuple[int, ...]]:
         "midlayer.self_attn.k_proj.weight": (cfg.kv_heads * d, 2 * H),
         "midlayer.self_attn.v_proj.weight": (cfg.kv_heads * d, 2 * H),
         "midlayer.self_attn.o_proj.weight": (H, cfg.heads * d),
-        "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H), "midlayer.mlp.down_proj.weight": (H, I),
+        "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
+        "midlayer.mlp.down_proj.weight": (H, I),
         "norm.weight": (H,), "lm_head.weight": (cfg.draft_vocab, H), "d2t": (cfg.draft_vocab,), "t2d": (cfg.vocab,),
     }
     if cfg.own_embed:
@@ -329,7 +331,8 @@ class Eagle3Head(nn.Module):
         c = self.cfg
         if c.mrope_section is None:
             return rope_cos_sin(positions.view(1, -1), c.head_dim, c.rope_theta)
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=positions.device, dtype=torch.float32) / c.head_dim))
+        half = torch.arange(0, c.head_dim, 2, device=positions.device, dtype=torch.float32)
+        inv = 1.0 / (c.rope_theta ** (half / c.head_dim))
         f = positions.float()[mrope_axes(c.mrope_section, c.mrope_interleaved).to(positions.device)].T * inv  # [T, d/2]
         emb = torch.cat((f, f), -1)[None, None]
         return emb.cos(), emb.sin()
@@ -574,7 +577,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     try:
         for f in files:  # weights_only: a .bin is a pickle, and a head directory may come from anywhere
-            state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
+            binary = f.suffix != ".safetensors"
+            state.update(torch.load(f, map_location="cpu", weights_only=True) if binary else load_file(str(f)))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise InputError(f"cannot read the head's weights in {path}: {str(e).splitlines()[0][:200]}") from e
     # Some trainers save the midlayer under `model.`; the engines' loaders expect bare names.

@@ -6,8 +6,9 @@ test): random weights sized from a tiny target's config, a reduced and shuffled 
 their own embed_tokens. Checked: greedy output equals vanilla for chains and dynamic trees on LLaVA
 and Qwen2-VL, with heads briefly fitted through `unroll` so that drafts are accepted (random heads
 never are); the first two draft distributions equal a re-implementation of the format's forward
-written in this file; `unroll` (the training pass) equals drafting; sampling keeps the target's distribution; bad heads are refused with one
-line; export writes exactly the tensors vLLM's loader takes, and the exported head drafts the same.
+written in this file; `unroll` (the training pass) equals drafting; sampling keeps the target's
+distribution; bad heads are refused with one line; export writes exactly the tensors vLLM's loader
+takes, and the exported head drafts the same.
 """
 import json
 
