@@ -319,8 +319,10 @@ class Eagle3Head(nn.Module):
             object.__setattr__(self, "shared_embed", target_embed)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.embed_tokens if self.cfg.own_embed else self.shared_embed
-        return table(ids.to(table.weight.device)).to(self.fc.weight.device, self.fc.weight.dtype)
+        if self.cfg.own_embed:
+            return self.embed_tokens(ids.to(self.fc.weight.device))
+        table = self.shared_embed  # detached: training the head never moves the target's embeddings
+        return table(ids.to(table.weight.device)).detach().to(self.fc.weight.device, self.fc.weight.dtype)
 
     def first_hidden(self, aux: torch.Tensor) -> torch.Tensor:
         """aux [.., 3*Ht]: the aux layers' hidden states concatenated lowest layer first -> [.., H]."""
