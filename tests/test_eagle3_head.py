@@ -410,28 +410,30 @@ def test_sampling_keeps_the_target_distribution(tmp_path_factory, tree):
 # --- refusals ---------------------------------------------------------------------------------------
 
 
+# case -> (how the head is spoiled, a word the refusal must contain)
 BAD = {
-    "wrong target width": dict(config_over={"target_hidden_size": 32}),
-    "missing tensor": dict(tensors_over={"midlayer.hidden_norm.weight": None}),
-    "vocab mismatch": dict(config_over={"vocab_size": 999}),
-    "d2t collides": dict(tensors_over={"d2t": torch.zeros(1, dtype=torch.long)}),
-    "aux outside the target": dict(config_over={"eagle_aux_hidden_state_layer_ids": [0, 1, LAYERS]}),
-    "conventions disagree": dict(config_over={"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}}),
-    "extra tensor": dict(tensors_over={"fc.bias": torch.zeros(64)}),
-    "unsupported option": dict(config_over={"norm_before_fc": True}),
-    "unsupported rope": dict(config_over={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+    "wrong target width": (dict(config_over={"target_hidden_size": 32}), "width"),
+    "missing tensor": (dict(tensors_over={"midlayer.hidden_norm.weight": None}), "missing"),
+    "vocab mismatch": (dict(config_over={"vocab_size": 999}), "vocab_size"),
+    "d2t collides": ({}, "d2t"),  # the colliding d2t is built in the test (it needs the draft size)
+    "aux outside the target": (dict(config_over={"eagle_aux_hidden_state_layer_ids": [0, 1, LAYERS]}), "outside"),
+    "conventions disagree": (dict(config_over={"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}}),
+                             "disagree"),
+    "extra tensor": (dict(tensors_over={"fc.bias": torch.zeros(64)}), "unexpected"),
+    "unsupported option": (dict(config_over={"norm_before_fc": True}), "norm_before_fc"),
+    "unsupported rope": (dict(config_over={"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "yarn"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_heads_are_refused_with_one_line(tdir, tmp_path, case, capsys):
     tgt = target(tdir, "llava")
-    over = dict(BAD[case])
+    over, word = BAD[case]
     if case == "d2t collides":  # draft ids 0 and 1 both onto target id 5
         n = len(draft_vocab(tgt))
-        over["tensors_over"] = {"d2t": torch.cat([torch.tensor([5, 4]), torch.zeros(n - 2, dtype=torch.long)])}
+        over = {"tensors_over": {"d2t": torch.cat([torch.tensor([5, 4]), torch.zeros(n - 2, dtype=torch.long)])}}
     path = write_head(tmp_path / "bad", tgt, "plain", **over)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=word):
         load_drafter(str(path), tgt)
     rc = cli_main(["generate", "--target", str(tdir / "llava"), "--drafter", str(path), "--prompt", PROMPT,
                    "--max-new-tokens", "2", "--device", "cpu"])
