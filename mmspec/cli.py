@@ -1,4 +1,5 @@
-"""Command line: `python -m mmspec generate --target ... --drafter ... --image ... --prompt ...`.
+"""Command line: `python -m mmspec generate --target ... --drafter ... --image ... --prompt ...`,
+and `python -m mmspec export-eagle3 SRC_DIR OUT_DIR` (an mmspec-trained EAGLE-3 head for vLLM / SGLang).
 
 Prints the answer and a one-line summary, or with --json one object with token_ids (new tokens
 only), text and stats; --trace writes the whole step-by-step trace. User errors exit with code 2 and
@@ -36,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "on = also on the CPU (cache only); off = eager forwards, growing cache")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    e = sub.add_parser("export-eagle3", help="write an EAGLE-3 head trained by mmspec as a vLLM / SGLang head directory")
+    e.add_argument("src", metavar="SRC_DIR")
+    e.add_argument("out", metavar="OUT_DIR")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _generate(args)
+        return _export_eagle3(args) if args.command == "export-eagle3" else _generate(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,4 +84,11 @@ def _generate(args) -> int:
         print(gen.text)
         print(f"[{gen.mode} {gen.config['drafter']} {gen.config['tree']}: {s.new_tokens} tokens, {s.steps} steps, "
               f"tau {s.tau:.2f}, {s.tokens_per_s:.1f} tok/s, {s.wall_s:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _export_eagle3(args) -> int:
+    from mmspec.eagle3_head import export_eagle3
+
+    print(export_eagle3(args.src, args.out))
     return 0

@@ -214,7 +214,8 @@ DRAFTER_KINDS = ("vanilla", "ngram", "random")
 
 
 def load_drafter(name: str | None, target, device: str | None = None, dtype: str | None = None) -> Drafter | None:
-    """`vanilla`/None -> no drafter; `ngram`; `random`; else a model directory or hub id."""
+    """`vanilla`/None -> no drafter; `ngram`; `random`; else an EAGLE-3 head, feature-drafter or model
+    directory, or a hub id."""
     from mmspec.load import _where, load_config, load_model, load_processor, same_tokenizer
 
     if name in (None, "", "vanilla", "none"):
@@ -223,8 +224,11 @@ def load_drafter(name: str | None, target, device: str | None = None, dtype: str
         return NgramDrafter()
     if name == "random":
         return RandomDrafter(len(target.tokenizer))
+    from mmspec.eagle3_head import is_eagle3_head, load_eagle3_head
     from mmspec.feature_drafter import is_feature_drafter, load_feature_drafter
 
+    if is_eagle3_head(name):  # config.json naming LlamaForCausalLMEagle3 (vLLM / SGLang / SpecForge format)
+        return load_eagle3_head(name, target)
     if is_feature_drafter(name):  # a directory with mmspec_drafter.json: an EAGLE-family drafter
         return load_feature_drafter(name, target)
     where = _where(name)
