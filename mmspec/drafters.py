@@ -11,6 +11,7 @@ Feature-level drafters (EAGLE family) plug in the same way.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmspec import device_tree
 from mmspec.errors import InputError
 from mmspec.families import family_for
 from mmspec.graphs import DeviceNoise
@@ -117,8 +119,8 @@ class ModelDrafter(Drafter):
 
     def propose(self, committed, spec, sampling, gen):
         cm = self.cm
-        if spec.kind == "chain" and cm.room is not None:
-            return self._propose_chain(committed, spec.depth, sampling, gen)
+        if spec.kind in ("chain", "dynamic") and cm.room is not None:
+            return self._propose_on_device(committed, spec, sampling, gen)
         fed_nodes: list[int] = []  # pool ids in draft-cache order after the committed part
 
         def expand(pool: TreePool, ids: list[int]) -> torch.Tensor:
@@ -140,16 +142,23 @@ class ModelDrafter(Drafter):
         finally:
             cm.rollback()
 
-    def _propose_chain(self, committed, depth, sampling, gen) -> Proposal:
-        """The fast path's chain, drafted on the device (`CachedModel.draft_chain`): no host round
-        trip per token; the tokens reach the host with the target's logits."""
+    def _propose_on_device(self, committed, spec: TreeSpec, sampling, gen) -> Proposal:
+        """The fast path's chain or dynamic tree, drafted on the device (`CachedModel.draft_chain` /
+        `draft_tree`): no host round trip per token or level. A chain's tokens reach the host with
+        the target's logits; a tree's in one copy before the target's forward."""
         cm = self.cm
         try:
             first = self._feed_pending(committed)[0]
-            noise = None if sampling.greedy else self._noise.uniforms(depth, first.shape[-1], first.device, gen)
-            tokens, probs, q_rows = cm.draft_chain(first, depth, sampling, noise)
+            shape = (spec.depth,) if spec.kind == "chain" else (spec.depth, spec.topk)
+            noise = None
+            if not sampling.greedy:
+                noise = self._noise.uniforms(math.prod(shape), first.shape[-1], first.device, gen).view(*shape, -1)
+            if spec.kind == "dynamic":
+                return device_tree.to_proposal(cm.draft_tree(first, spec, sampling, noise), spec)
+            tokens, probs, q_rows = cm.draft_chain(first, spec.depth, sampling, noise)
         finally:
             cm.rollback()
+        depth = spec.depth
         tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                          draft_probs=[0.0] * depth)
         return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)

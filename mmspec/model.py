@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mmspec import graphs, kvcache
+from mmspec import device_tree, graphs, kvcache
 from mmspec.kvcache import to_device
 from mmspec.families import Family
 from mmspec.verify import Sampling, draft_probs, gumbel_scores
@@ -318,6 +318,39 @@ class CachedModel:
                                  past_key_values=st.cache, cache_position=row, use_cache=True)
                 logits = out.logits[0, -1]
         return torch.cat(tokens), torch.cat(probs), torch.stack(rows)
+
+    @torch.inference_mode()
+    def draft_tree(self, first: torch.Tensor, spec, sampling: Sampling, noise: torch.Tensor | None):
+        """An EAGLE-2 dynamic tree (`spec`) drafted after the committed prefix, all on the device
+        (`mmspec.device_tree`; one CUDA graph on a GPU). first: logits [V] after the last committed
+        token. Returns the `DeviceTree`; the rows fed stay uncommitted."""
+        st, start = self._static, self.cache.length
+        if st is None or start != self.committed:
+            raise RuntimeError("draft_tree needs the static fast path and no uncommitted rows")
+        if start + device_tree.tree_rows(spec) > st.cache.capacity:
+            raise RuntimeError(f"static cache overflow: {start} + {device_tree.tree_rows(spec)} > {st.cache.capacity}")
+        ints = to_device(torch.tensor([start, start + self.rope_offset]), self.device)
+        if noise is not None:
+            noise = noise if noise.device == self.device else to_device(noise, self.device)
+        body = lambda *bufs: self._tree_body(st, spec, sampling, *bufs)  # noqa: E731
+        graphed = self.graphs and st.graphs.usable("decode")
+        inputs = (ints, first, noise)
+        out = self._graph(st, ("tree", spec, sampling, noise is None), body, inputs) if graphed else body(*inputs)
+        self.cache.length = start + device_tree.tree_rows(spec)
+        return out
+
+    def _tree_body(self, st: _Static, spec, sampling: Sampling, ints, first, noise):
+        row0, seq0 = ints[0], ints[1]  # first free cache row; the root's rope position (offset included)
+
+        def expand(depth, tokens, _feeds, rows, allowed):
+            st.cache.write_pos = rows
+            out = self.model(input_ids=tokens.view(1, -1), attention_mask=self._additive(allowed),
+                             position_ids=self.family.position_ids((seq0 - 1 + depth).expand(rows.shape), 0),
+                             past_key_values=st.cache, cache_position=rows, use_cache=True)
+            return draft_probs(out.logits[0], sampling), _feeds
+
+        root_q = draft_probs(first.unsqueeze(0), sampling)[0]
+        return device_tree.grow(expand, root_q, torch.zeros(1, device=first.device), spec, row0, st.cols, noise)
 
     @property
     def length(self) -> int:

@@ -72,6 +72,25 @@ def test_static_cache_fast_path_is_lossless(tiny_dir, family, tree):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_device_drafted_trees_equal_host_grown_ones(tiny_dir, family):
+    """On the fast path a draft model grows dynamic trees on the device (`CachedModel.draft_tree`):
+    the same trees (tokens, shape, q) as tree.grow_tree on the growing cache, the same output; the
+    target as its own drafter makes long accepted paths, a text drafter short ones."""
+    tgt = target(tiny_dir, family)
+    for name in (str(tiny_dir / family), str(tiny_dir / "text-draft")):
+        drafter = load_drafter(name, tgt)
+        for tree in ("dynamic:16,5,3", "dynamic:6,3,4"):
+            ref = reference(tiny_dir, family, *PROMPTS[0])
+            runs = [generate(tgt, drafter, image(PROMPTS[0][1]), PROMPTS[0][0],
+                             DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=static)) for static in (False, True)]
+            assert runs[0].token_ids == runs[1].token_ids == ref.token_ids, f"{family} {name} {tree}"
+            for a, b in zip(*(r.steps for r in runs)):
+                assert (a.tree.tokens, a.tree.parents, a.accepted) == (b.tree.tokens, b.tree.parents, b.accepted), \
+                    f"{family} {name} {tree} step {a.index}"
+                assert a.tree.draft_probs == pytest.approx(b.tree.draft_probs, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_perfect_drafter_accepts_everything(tiny_dir, family):
     tgt = target(tiny_dir, family)
     drafter = load_drafter(str(tiny_dir / family), tgt)

@@ -162,11 +162,12 @@ def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     assert pvalue > 1e-3
 
 
-def test_fast_path_chain_sampling_matches_target_distribution(tiny_dir):
-    """The static fast path drafts a chain on the device (Gumbel-max from host noise, no host
-    round trip per token): still exactly the target's distribution."""
+@pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
+def test_fast_path_sampling_matches_target_distribution(tiny_dir, tree):
+    """The static fast path drafts chains and dynamic trees on the device (Gumbel-max / Gumbel-top-k
+    from device noise, no host round trip per token or level): still exactly the target's distribution."""
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
     drafter = load_drafter(str(tiny_dir / "llava-peaky-draft"), tgt)
-    pvalue, accepted = engine_pair_pvalue(tgt, drafter, "chain:3", n=1000, static_cache=True)
+    pvalue, accepted = engine_pair_pvalue(tgt, drafter, tree, n=1000, static_cache=True)
     assert accepted > 0.2
     assert pvalue > 1e-3
