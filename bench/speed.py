@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformers  # noqa: E402
 
 from mmspec import DecodeConfig, ModelDrafter, generate, load_drafter, load_target  # noqa: E402
+from mmspec.defaults import pick_fastest  # noqa: E402
 from mmspec.load import ASSETS  # noqa: E402
 from mmspec.world import held_out_seeds, sample_example  # noqa: E402
 
@@ -373,6 +374,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="hf:generate's cache(s); static runs last: on CUDA it compiles for an unknown time")
     ap.add_argument("--time-budget-s", type=float, default=float("inf"))
     ap.add_argument("--out", default="bench/results/speed.json")
+    ap.add_argument("--write-default", default=None, metavar="FILE",
+                    help="record the fastest lossless engine method at T=0 here (the app's and CLI's default: "
+                         "assets/default_method.json)")
     args = ap.parse_args(argv)
     args.temperatures = [float(t) for t in args.temperatures.split(",")]
     args.methods = [p for p in re.split(r",(?!\d)", args.methods) if p]  # tree ids hold ",<digit>"
@@ -415,6 +419,12 @@ def main(argv: list[str] | None = None, t0: float | None = None) -> dict:
     b.meta["wall_s"] = time.perf_counter() - b.t0
     write_outputs(Path(args.out), b.meta, b.rows)
     print(markdown(b.meta, b.rows))
+    if args.write_default:
+        best = pick_fastest(b.rows, b.meta)
+        if best is not None:
+            best["measured"]["source"] = Path(args.out).name
+            Path(args.write_default).write_text(json.dumps(best, indent=1) + "\n")
+            print(f"default method: {best['drafter']} {best['tree']} -> {args.write_default}")
     return {"meta": b.meta, "rows": b.rows}
 
 

@@ -20,14 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer a prompt about an image, with a drafter")
     g.add_argument("--target", default=None, help="model directory or hub id (default: the embedded model in assets/)")
-    g.add_argument("--drafter", default="ngram", help="vanilla, ngram, random, or a draft model directory / hub id")
+    g.add_argument("--drafter", default=None, help="vanilla, ngram, random, or a draft model directory / hub id "
+                   "(default: the fastest method measured on a GPU, assets/default_method.json)")
     g.add_argument("--image", default=None, help="image file (optional for text-only prompts)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tree", default="chain:4", help="chain:K | dynamic:BUDGET,DEPTH,TOPK | static:FILE")
+    g.add_argument("--tree", default=None, help="chain:K | dynamic:BUDGET,DEPTH,TOPK | static:FILE "
+                   "(default: the measured default's shape with the default drafter, else chain:4)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--device-map", default=None, help="split the target with accelerate, e.g. auto")
@@ -52,7 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _with_defaults(args) -> None:
+    """No --drafter: the fastest method measured on a GPU (and its shape, unless --tree is given)."""
+    from mmspec.defaults import default_method
+
+    if args.drafter is None:
+        best = default_method()
+        args.drafter, args.tree = best.drafter, args.tree or best.tree
+    args.tree = args.tree or "chain:4"
+
+
 def _generate(args) -> int:
+    _with_defaults(args)
     from mmspec.drafters import load_drafter
     from mmspec.engine import DecodeConfig, generate
     from mmspec.load import load_image, load_target

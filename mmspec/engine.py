@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmspec.drafters import DraftContext, Drafter
 from mmspec.errors import InputError
+from mmspec.kvcache import to_device
 from mmspec.load import Target, load_image
 from mmspec.model import CachedModel
 from mmspec.trace import DraftTree, Generation, StepRecord, compute_stats
@@ -56,24 +57,36 @@ class DecodeConfig:
         self.tree_spec  # noqa: B018 - parse early for a clear error
 
 
-class _Clock:
-    """Milliseconds of device work: CUDA events on GPU, perf_counter on CPU."""
+class _Timer:
+    """Named marks of device work: CUDA events on GPU (read after the step's sync), perf_counter
+    on CPU. `ms(a, b)` is the time from mark a to mark b."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.marks: dict[str, Any] = {}
 
-    def mark(self):
+    def mark(self, name: str) -> None:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self.marks[name] = torch.cuda.Event(enable_timing=True)
             ev.record()
-            return ev
-        return time.perf_counter()
+        else:
+            self.marks[name] = time.perf_counter()
 
-    def ms(self, a, b) -> float:
+    def ms(self, a: str, b: str) -> float:
         if self.cuda:
-            b.synchronize()
-            return a.elapsed_time(b)
-        return (b - a) * 1000.0
+            self.marks[b].synchronize()
+            return self.marks[a].elapsed_time(self.marks[b])
+        return (self.marks[b] - self.marks[a]) * 1000.0
+
+
+def _features(hidden, layers: tuple[int, ...], rows: list[int] | None = None) -> torch.Tensor:
+    """[len(layers), k, H] target features at `rows` (all when None). Layers of a split target may
+    sit on several devices; features meet where logits are made."""
+    dev = hidden[-1].device
+    if rows is None:
+        return torch.stack([hidden[i][0].to(dev) for i in layers])
+    idx = to_device(torch.tensor(rows), dev)
+    return torch.stack([hidden[i][0].to(dev).index_select(0, idx) for i in layers])
 
 
 class Decoder:
@@ -134,7 +147,6 @@ class Decoder:
         tgt, cfg = self.target, self.config
         sampling = cfg.sampling
         gen = torch.Generator().manual_seed(cfg.seed)
-        clock = _Clock(tgt.device)
         eos = tgt.eos_ids
 
         steps: list[StepRecord] = []
@@ -143,77 +155,46 @@ class Decoder:
         # t_start, so a slow consumer (a UI) does not inflate elapsed_s or tokens/s.
         t_start = time.perf_counter()
         layers = tuple(getattr(self.drafter, "target_layers", ()) or ())
-        a = clock.mark()
+        timer = _Timer(tgt.device)
+        timer.mark("start")
         logits, hidden = tm.prefill(inputs, hidden=True) if layers else (tm.prefill(inputs), None)
         first = self._sample_one(logits, sampling, gen)
-        b = clock.mark()
-        prefill_ms = clock.ms(a, b)
+        timer.mark("prefilled")
         committed.append(first)
-        record = self._record(0, "prefill", Proposal(DraftTree(), {}), None, first, [first], 0.0, prefill_ms,
-                              (time.perf_counter() - t_start) * 1000, t_start)
+        record = self._record(0, "prefill", Proposal(DraftTree(), {}), None, first, [first], 0.0,
+                              timer.ms("start", "prefilled"), (time.perf_counter() - t_start) * 1000, t_start)
         steps.append(record)
         t_yield = time.perf_counter()
         yield record
         t_start += time.perf_counter() - t_yield
         done = first in eos or len(committed) >= max_new
         if self.drafter is not None and not done:
-            # Layers of a split target may sit on several devices; features meet where logits are made.
-            feats = torch.stack([hidden[i][0].to(hidden[-1].device) for i in layers]) if layers else None
+            feats = _features(hidden, layers) if layers else None
             self.drafter.start(DraftContext(self.image, self.prompt, prompt_ids, tgt, tm, feats, cache_room, graphs,
                                             inputs))
         while not done and not self.stopped:
             t_step = time.perf_counter()
             step_spec = spec.limited(max_new - len(committed) - 1)
-            a = clock.mark()
+            # propose -> verify -> commit
+            timer.mark("start")
             proposal = (self.drafter.propose(committed, step_spec, sampling, gen)
                         if self.drafter is not None and step_spec.kind != "none" else Proposal(DraftTree(), {}))
-            b_draft = clock.mark()
-            tree = proposal.tree
-            root_pos = tm.committed
-            if proposal.device_tokens is not None:  # drafted on the device: verified from there
-                toks = torch.cat([torch.full((1,), committed[-1], device=proposal.device_tokens.device),
-                                  proposal.device_tokens])
-            else:
-                toks = torch.tensor([committed[-1]] + tree.tokens, dtype=torch.long)
-            pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
-            chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-            mask = None if chain else tree_attention(tree.parents)
-            b = clock.mark()  # mask and positions are engine overhead, not verification
-            if layers:
-                target_logits, hidden = tm.forward(toks, pos, mask, hidden=True)
-            else:
-                target_logits = tm.forward(toks, pos, mask)
-            # Verification's reductions go to the device queue behind the forward; the host then
-            # waits once, for a few numbers per node rather than the logits.
-            scores = score(target_logits, toks, tree.parents, sampling, proposal.proposals)
-            c = clock.mark()
-            proposal.resolve()
-            verdict = verify(tree, target_logits, sampling, proposal.proposals, gen, scores)
-            rows = [0] + [n + 1 for n in verdict.accepted]
-            tm.commit_rows(rows)
+            timer.mark("drafted")
+            verdict, hidden = self._verify_step(tm, committed[-1], proposal, sampling, gen, bool(layers), timer)
             observe_ms = 0.0
             if layers:  # feeding the accepted features to the drafter is drafting work
-                idx = torch.tensor(rows)
-                feats = torch.stack([hidden[i][0].index_select(0, idx.to(hidden[i].device)).to(hidden[-1].device)
-                                     for i in layers])
-                o = clock.mark()
-                self.drafter.observe(feats, [committed[-1]] + [tree.tokens[n] for n in verdict.accepted])
-                observe_ms = clock.ms(o, clock.mark())
-            # verify_ms is the target's forward and the reductions above; the acceptance rule, cache
+                rows = [0] + [n + 1 for n in verdict.accepted]
+                timer.mark("observe")
+                self.drafter.observe(_features(hidden, layers, rows),
+                                     [committed[-1]] + [proposal.tree.tokens[n] for n in verdict.accepted])
+                timer.mark("observed")
+                observe_ms = timer.ms("observe", "observed")
+            new, done = self._commit(committed, proposal.tree, verdict, max_new, eos)
+            # verify_ms is the target's forward and its reductions; the acceptance rule, cache
             # commit and trace building land in the step's overhead (step_ms - draft_ms - verify_ms).
-            draft_ms, verify_ms = clock.ms(a, b_draft) + observe_ms, clock.ms(b, c)
-            new = [tree.tokens[n] for n in verdict.accepted] + [verdict.next_token]
-            new = new[: max_new - len(committed)]
-            for i, t in enumerate(new):
-                if t in eos:
-                    new = new[: i + 1]
-                    done = True
-                    break
-            committed.extend(new)
-            done = done or len(committed) >= max_new
-            kind = "draft" if self.drafter is not None else "vanilla"
-            record = self._record(len(steps), kind, proposal, verdict, verdict.next_token, new, draft_ms, verify_ms,
-                                  (time.perf_counter() - t_step) * 1000, t_start)
+            record = self._record(len(steps), "draft" if self.drafter is not None else "vanilla", proposal, verdict,
+                                  verdict.next_token, new, timer.ms("start", "drafted") + observe_ms,
+                                  timer.ms("verify", "verified"), (time.perf_counter() - t_step) * 1000, t_start)
             steps.append(record)
             t_yield = time.perf_counter()
             yield record
@@ -236,6 +217,44 @@ class Decoder:
             stats=compute_stats(steps, wall),
             drafter_info=self.drafter.info() if self.drafter is not None else {},
         )
+
+    @staticmethod
+    def _verify_step(tm: CachedModel, root: int, proposal: Proposal, sampling: Sampling, gen: torch.Generator,
+                     hidden: bool, timer: _Timer):
+        """The target's one forward over [root] + the draft tree, the acceptance rule, and the
+        target cache keeping the root and the accepted path. Returns the verdict and, when asked,
+        the forward's hidden states (their rows: root, then tree nodes)."""
+        tree, root_pos = proposal.tree, tm.committed
+        if proposal.device_tokens is not None:  # drafted on the device: verified from there
+            toks = torch.cat([torch.full((1,), root, device=proposal.device_tokens.device), proposal.device_tokens])
+        else:
+            toks = torch.tensor([root] + tree.tokens, dtype=torch.long)
+        pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
+        chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+        mask = None if chain else tree_attention(tree.parents)
+        timer.mark("verify")  # mask and positions are engine overhead, not verification
+        out = tm.forward(toks, pos, mask, hidden=hidden)
+        logits, states = out if hidden else (out, None)
+        # Verification's reductions go to the device queue behind the forward; the host then
+        # waits once, for a few numbers per node rather than the logits.
+        scores = score(logits, toks, tree.parents, sampling, proposal.proposals)
+        timer.mark("verified")
+        proposal.resolve()
+        verdict = verify(tree, logits, sampling, proposal.proposals, gen, scores)
+        tm.commit_rows([0] + [n + 1 for n in verdict.accepted])
+        return verdict, states
+
+    @staticmethod
+    def _commit(committed: list[int], tree: DraftTree, verdict, max_new: int, eos: set[int]) -> tuple[list[int], bool]:
+        """Append the accepted tokens and the correction/bonus, cut at EOS and max_new_tokens."""
+        new = ([tree.tokens[n] for n in verdict.accepted] + [verdict.next_token])[: max_new - len(committed)]
+        done = False
+        for i, t in enumerate(new):
+            if t in eos:
+                new, done = new[: i + 1], True
+                break
+        committed.extend(new)
+        return new, done or len(committed) >= max_new
 
     def _sample_one(self, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
         if sampling.greedy:
