@@ -36,12 +36,15 @@ import torch.nn.functional as F
 from mmspec import entropy
 from mmspec.errors import InputError
 from mmspec.feature_drafter import (
-    QUERY, TEXT, VARIANTS, FeatNet, FeatureDrafter, Shared, image_grid, load_feature_drafter, make_config,
-    plan_entries, rms, save_feature_drafter, size_report,
+    QUERY, TEXT, VARIANTS, FeatNet, FeatureDrafter, Shared, load_feature_drafter, make_config, rms,
+    save_feature_drafter, size_report,
 )
 from mmspec.train import Schedule
+from mmspec.train_feature_data import (  # noqa: F401 - WorldData and Collate are part of this module's API
+    TEXT_FRAC, Batch, Collate, FeatureCache, WorldData, batch_entropy, cache_from_batch, item_loader, pad_id,
+    target_answers, with_answers,
+)
 
-TEXT_FRAC = 0.1  # share of image questions asked without their image (MSD's text-only stage uses them)
 SEED_BASE = 300_000_000  # training seeds (< 10**9); held-out evaluation uses world.held_out_seeds
 
 
@@ -50,213 +53,12 @@ def log(*a):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
+# The target pass (once per sequence, kept in a FeatureCache) and per-variant training forward
 
 
-class WorldData(torch.utils.data.Dataset):
-    def __init__(self, target, seeds, max_answer: int, text_frac: float = TEXT_FRAC):
-        self.proc, self.family, self.tok = target.processor, target.family, target.tokenizer
-        self.seeds, self.max_answer, self.text_frac = list(seeds), max_answer, text_frac
-
-    def __len__(self):
-        return len(self.seeds)
-
-    def __getitem__(self, i):
-        from mmspec.world import sample_example
-
-        seed = self.seeds[i]
-        img, qa, _ = sample_example(seed)
-        # Text-only questions go without the image half the time (as the target was trained); any
-        # other question goes without it with probability text_frac (MSD's text-only stage uses these).
-        drop = 0.5 if not qa.needs_image else self.text_frac
-        with_image = random.Random(seed ^ 0xFEA7).random() >= drop
-        inputs = self.family.prefill_inputs(self.proc, img if with_image else None, qa.prompt)
-        prompt = inputs["input_ids"][0].tolist()
-        eos = self.tok.eos_token or ""
-        ans = self.tok(" " + qa.answer + eos, add_special_tokens=False)["input_ids"][: self.max_answer]
-        return {"ids": prompt + ans, "P": len(prompt), "pv": inputs.get("pixel_values") if with_image else None,
-                "with_image": with_image, "size": img.size, "kind": qa.kind}
-
-
-class Collate:
-    def __init__(self, pad_id: int):
-        self.pad = pad_id
-
-    def __call__(self, items):
-        T = max(len(it["ids"]) for it in items)
-        T = (T + 31) // 32 * 32  # few distinct shapes
-        ids = torch.full((len(items), T), self.pad, dtype=torch.long)
-        att = torch.zeros((len(items), T), dtype=torch.long)
-        for b, it in enumerate(items):
-            ids[b, : len(it["ids"])] = torch.tensor(it["ids"])
-            att[b, : len(it["ids"])] = 1
-        pvs = [it["pv"] for it in items if it["pv"] is not None]
-        return {
-            "input_ids": ids, "attention_mask": att,
-            "pixel_values": torch.cat(pvs) if pvs else None,
-            "P": torch.tensor([it["P"] for it in items]), "len": torch.tensor([len(it["ids"]) for it in items]),
-            "with_image": torch.tensor([it["with_image"] for it in items]),
-            "sizes": [it["size"] for it in items], "kinds": [it["kind"] for it in items],
-        }
-
-
-def loader(target, seeds, batch, workers, max_answer, shuffle=False):
-    ds = WorldData(target, seeds, max_answer)
-    kw = dict(prefetch_factor=4, persistent_workers=True) if workers > 0 else {}
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=Collate(pad), drop_last=False, **kw)
-
-
-# ------------------------------------------------------------------------------------------------
-# One target forward, shared by every variant
-
-
-class SharedBatch:
-    """What one target forward gives every variant: hidden states, log-probs, cache, layout."""
-
-
-@torch.no_grad()
-def target_pass(target, batch, need: dict) -> SharedBatch:
-    """Run the target once; keep what the variants need (hidden states, distributions, cache, saliency)."""
-    model, dev = target.model, target.device
-    ids = batch["input_ids"].to(dev)
-    att = batch["attention_mask"].to(dev)
-    pv = batch["pixel_values"]
-    kw = {}
-    if pv is not None:
-        kw["pixel_values"] = pv.to(dev, target.dtype)
-    use_cache = need["cache"]
-    out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=use_cache, **kw)
-    sb = SharedBatch()
-    B, T = ids.shape
-    sb.B, sb.T, sb.dev = B, T, dev
-    sb.hs = {i: out.hidden_states[i] for i in need["layers"]}
-    sb.P, sb.len = batch["P"].to(dev), batch["len"].to(dev)
-    sb.P_np, sb.len_np = batch["P"].numpy(), batch["len"].numpy()
-    sb.with_image_np = batch["with_image"].numpy()
-    image_id = getattr(model.config, "image_token_id", None)
-    sb.spans = []
-    ids_cpu = batch["input_ids"]
-    for b in range(B):
-        row = (ids_cpu[b] == image_id).nonzero().flatten() if image_id is not None else torch.zeros(0)
-        sb.spans.append((int(row[0]), len(row)) if len(row) else None)
-    sb.grids = [image_grid(s[1], batch["sizes"][b]) if s else None for b, s in enumerate(sb.spans)]
-    # Target log-probs at every position q in [P, len - 2] (q predicts token q + 1 of the answer),
-    # flattened sample-major; sample b's rows start at off_np[b].
-    pos = torch.arange(T)[None]
-    sel = (pos >= batch["P"][:, None]) & (pos <= batch["len"][:, None] - 2)
-    counts = sel.sum(1).numpy()
-    sb.off_np = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    sb.tlogp = torch.log_softmax(out.logits[sel.to(dev)].float(), -1)
-    # Which drafter positions p are visual (token p + 1 is an image token), and the image embeddings.
-    v0 = np.array([s[0] if s else -10 for s in sb.spans])
-    nv = np.array([s[1] if s else 0 for s in sb.spans])
-    p = np.arange(T - 1)[None]
-    sb.vis = torch.from_numpy((p + 1 >= v0[:, None]) & (p + 1 < (v0 + nv)[:, None])).to(dev)
-    n = int(nv.max()) if len(nv) else 0
-    hs0 = out.hidden_states[0]
-    if n:
-        idx = torch.from_numpy(np.clip(v0, 0, None)[:, None] + np.arange(n)[None]).clamp(max=T - 1).to(dev)
-        sb.img_emb = hs0.gather(1, idx[..., None].expand(-1, -1, hs0.shape[-1]))
-    else:
-        sb.img_emb = torch.zeros(B, 1, hs0.shape[-1], device=dev, dtype=hs0.dtype)
-    sb.cache = out.past_key_values if use_cache else None
-    sb.saliency_np = None
-    if need["saliency"]:
-        sal = batch_saliency(target, sb, out.hidden_states, out.past_key_values)
-        sb.saliency_np = sal.float().cpu().numpy() if sal is not None else None
-    sb.profile = None
-    if need.get("profile"):
-        sb.profile = batch_entropy(target, sb, out.hidden_states, out.past_key_values)
-    return sb
-
-
-def _post_image_queries(sb, prompt_only: bool):
-    """[B, Tq] positions (and mask) of text after the image: the prompt's, or prompt + answer."""
-    rows = []
-    for b in range(sb.B):
-        s = sb.spans[b]
-        lo = s[0] + s[1] if s else 1
-        hi = int(sb.P_np[b]) if prompt_only else int(sb.len_np[b])
-        rows.append(list(range(lo, max(hi, lo + 1))))
-    Tq = max(len(r) for r in rows)
-    q = torch.zeros(sb.B, Tq, dtype=torch.long)
-    m = torch.zeros(sb.B, Tq, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        q[b, : len(r)] = torch.tensor(r)
-        m[b, : len(r)] = True
-    return q, m
-
-
-def batch_saliency(target, sb, hs, cache):
-    """[B, n_vis] attention received by each visual token in the target's last layer (image samples)."""
-    L = entropy.num_layers(target.model)
-    q, m = _post_image_queries(sb, prompt_only=True)
-    dev = target.device
-    q, m = q.to(dev), m.to(dev)
-    h_in = hs[L - 1].gather(1, q[..., None].expand(-1, -1, hs[L - 1].shape[-1]))
-    v0 = torch.tensor([s[0] if s else 0 for s in sb.spans], device=dev)
-    n = max((s[1] for s in sb.spans if s), default=0)
-    if n == 0:
-        return None
-    return entropy.visual_saliency(target.model, h_in, cache.layers[L - 1].keys, q, q, m, v0, n)
-
-
-def batch_entropy(target, sb, hs, cache) -> list[float]:
-    q, m = _post_image_queries(sb, prompt_only=False)
-    T = sb.T
-    qmask = torch.zeros(sb.B, T, dtype=torch.bool)
-    for b in range(sb.B):
-        qmask[b, q[b][m[b]]] = True
-    pos = torch.arange(T, device=target.device)[None].expand(sb.B, -1)
-    keys = [layer.keys for layer in cache.layers]
-    return entropy.entropy_profile(target.model, hs, keys, pos, qmask)
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-variant training forward
-
-
-def build_plan(cfg, sb, dev):
-    """Entries of every sample (mmspec.feature_drafter.plan_entries, the inference code) as tensors
-    (on `dev`) plus their numpy copies (for host-side index building without device syncs)."""
-    B = sb.B
-    per = []
-    for b in range(B):
-        N = int(sb.len_np[b]) - 1
-        span = sb.spans[b]
-        sal = None
-        if cfg.compress == "topk" and span is not None and sb.saliency_np is not None:
-            sal = sb.saliency_np[b, : span[1]].tolist()
-        own_from = int(sb.P_np[b]) - 1 if cfg.aasd else 0
-        entries, _ = plan_entries(N, span, sb.grids[b], cfg, sal, own_from)
-        per.append(entries)
-    Te = (max(len(e) for e in per) + 31) // 32 * 32  # padded: few distinct shapes
-    src = np.zeros((B, Te), dtype=np.int64)
-    rope = np.zeros((B, Te), dtype=np.int64)
-    kind = np.full((B, Te), -1, dtype=np.int64)
-    slot = np.zeros((B, Te), dtype=np.int64)
-    post = np.zeros((B, Te), dtype=bool)
-    pool_rows, pool_cols, pool_w = [], [], []
-    pooled = cfg.compress == "pool"
-    for b, entries in enumerate(per):
-        for e, en in enumerate(entries):
-            src[b, e], rope[b, e], kind[b, e], slot[b, e], post[b, e] = en.src, en.rope, en.kind, max(en.slot, 0), en.post
-            if pooled:
-                w = 1.0 / len(en.members)
-                for m in en.members:
-                    pool_rows.append(b * Te + e)
-                    pool_cols.append(m)
-                    pool_w.append(w)
-    t = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
-    plan = {"src": t(src), "rope": t(rope), "kind": t(kind), "slot": t(slot), "post": t(post), "Te": Te,
-            "np": {"src": src, "kind": kind}}
-    if pooled:
-        M = torch.zeros(B * Te, sb.T - 1, device=dev)
-        M[t(np.array(pool_rows)), t(np.array(pool_cols))] = t(np.array(pool_w, dtype=np.float32))
-        plan["M"] = M.view(B, Te, sb.T - 1)
-    return plan
+def target_pass(target, batch, need: dict) -> Batch:
+    """Run the target once over a collated batch; the variants read the returned rows."""
+    return cache_from_batch(target, batch, need)
 
 
 def _gather(x, idx):
@@ -266,79 +68,82 @@ def _gather(x, idx):
     return x.gather(1, flat).reshape(shape)
 
 
-def loss_index(plan, sb, R: np.ndarray | None, rv: np.ndarray | None, h: int):
-    """Host-side indices of the loss terms of rows R ([B, Tq] entry indices; None = all entries)
-    with head h: entry e (text, src p >= P - 1) predicts position q = p + 1 + h (q <= len - 2).
-    Returns (flat row in [B, Tq], tlogp row, flat position in [B, T], sample) as int64 arrays."""
-    src, kind = plan["np"]["src"], plan["np"]["kind"]
-    if R is not None:
-        src, kind = np.take_along_axis(src, R, 1), np.where(rv, np.take_along_axis(kind, R, 1), -1)
-    P, Ln = sb.P_np[:, None], sb.len_np[:, None]
-    q = src + 1 + h
-    ok = (kind == TEXT) & (src >= P - 1) & (q <= Ln - 2)
-    b, e = np.nonzero(ok)
-    qq = q[b, e]
-    Tq = src.shape[1]
-    return b * Tq + e, sb.off_np[b] + (qq - sb.P_np[b]), b * sb.T + qq, b
+def _flat_rows(x, idx):
+    """x [B, T, ...], idx [B, Q] -> rows [B, Q, ...] of the flattened [B * T, ...] (one index_select)."""
+    B, T = x.shape[:2]
+    rows = (idx + T * torch.arange(B, device=idx.device)[:, None]).reshape(-1)
+    return x.reshape(B * T, *x.shape[2:]).index_select(0, rows).reshape(*idx.shape, *x.shape[2:])
 
 
-def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture: dict | None = None):
-    """Loss and metrics of one drafter on one shared batch (EAGLE-3 training-time test).
+def sample_weights(c, sb, progress: float, train: bool) -> torch.Tensor:
+    """[B] loss weights: MSD's two-stage schedule (text-only, then a rising multimodal share); else 1."""
+    w = torch.ones(sb.B, device=sb.dev)
+    if c.two_stage and train:
+        img = sb.with_image.float()
+        if progress < 0.5:
+            return 1.0 - img
+        share = 0.05 + 0.9 * min(1.0, (progress - 0.5) / 0.5)
+        return img * share + (1 - img) * (1 - share)
+    return w
 
-    No host-device synchronisation: loss positions are indexed from host-side plans.
-    capture: if a dict, receives the plan and, per unroll step j, (entry indices, features [B, Tq, k, H]).
-    Returns (loss tensor, dict of 0-dim tensors)."""
+
+def first_input(net: FeatNet, sb, plan, xp):
+    """Inputs of the j = 0 pass: x per entry (pooled means, adaptor queries, global fusion), and g."""
     c = net.cfg
-    dev = sb.dev
-    plan = build_plan(c, sb, dev)
-    B, Te, T = sb.B, plan["Te"], sb.T
-    L, H = c.L, c.hidden
-    emb_next = sb.hs[0][:, 1:]  # [B, N, H] input embedding of token p + 1
-    N = emb_next.shape[1]
-    feat = net.feature_in({i: h[:, :N] for i, h in sb.hs.items()})
-    xp = net.input_x(emb_next, feat, sb.vis)
-    src, kind, post = plan["src"], plan["kind"], plan["post"]
-    valid = kind >= 0
-    x0 = torch.bmm(plan["M"].to(xp.dtype), xp) if "M" in plan else _gather(xp, src)
+    if plan.mem is not None:  # pooled entries: weighted means of their members' inputs
+        x0 = (_gather(xp, plan.mem.flatten(1)).view(*plan.mem.shape, -1) * plan.memw[..., None].to(xp.dtype)).sum(2)
+    else:
+        x0 = _gather(xp, plan.src)
     g = None
     if net.adaptor is not None:
         ad = net.adaptor(sb.img_emb)  # [B, nq, H]
         if c.compress == "queries":
-            x0 = torch.where((kind == QUERY)[..., None], _gather(ad, plan["slot"]).to(x0.dtype), x0)
+            x0 = torch.where((plan.kind == QUERY)[..., None], _gather(ad, plan.slot).to(x0.dtype), x0)
         if c.global_image:
             g = ad[:, -1:]
-            x0 = torch.where(post[..., None], net.fuse_global(x0, g.to(x0.dtype)), x0)
-    emb_e = _gather(emb_next, src)
-    rope = plan["rope"]
-    eidx = torch.arange(Te, device=dev)
-    is_text = kind == TEXT
-    J = max(1, c.unroll)
-    # Unrolled steps j >= 1 only matter where losses are: per sample, the entries from J before its
-    # first loss entry to its last entry (rows R, padded to a common length; rv = real rows).
-    knp, snp = plan["np"]["kind"], plan["np"]["src"]
-    okn = (knp == TEXT) & (snp >= sb.P_np[:, None] - 1)
-    n_ent = (knp >= 0).sum(1)
-    first = np.where(okn.any(1), okn.argmax(1), n_ent)
-    start = np.maximum(0, first - J)
-    Tq1 = int(max(1, (n_ent - start).max()))
-    Tq1 = min(Te, (Tq1 + 31) // 32 * 32)
-    R_np = start[:, None] + np.arange(Tq1)[None]
-    rv_np = R_np < n_ent[:, None]
-    R_np = np.minimum(R_np, Te - 1)
-    R = torch.from_numpy(R_np).to(dev, non_blocking=True)
-    rv = torch.from_numpy(rv_np).to(dev, non_blocking=True)
+            x0 = torch.where(plan.post[..., None], net.fuse_global(x0, g.to(x0.dtype)), x0)
+    return x0, g
 
-    aasd = None
+
+def side_memories(net: FeatNet, sb):
+    """AASD's projected target cache (and its mask), DREAM's cross-attention memory."""
+    c, dev = net.cfg, sb.dev
+    aasd = cross = None
     if c.aasd:
-        layer = sb.cache.layers[c.aasd_layer % L]
-        Km, Vm = net.aasd_memory(layer.keys, layer.values)
+        Km, Vm = net.aasd_memory(sb.keys, sb.values)
         mpos = torch.arange(Km.shape[2], device=dev)
-        aasd = (Km, Vm, (mpos[None, None, :] <= sb.P[:, None, None] - 2).expand(B, Te, -1))
-    cross_kv = None
+        aasd = (Km, Vm, (mpos[None, None, :] <= sb.P[:, None, None] - 2))
     if c.dream:
         feats = torch.stack([sb.hs[c.hs_index(i)] for i in c.dream_layers], 1)  # [B, nL, T, H]
         Kc, Vc = net.cross.memory(feats)
-        cross_kv = (Kc, Vc, torch.arange(T, device=dev).repeat(len(c.dream_layers)))
+        cross = (Kc, Vc, torch.arange(sb.T, device=dev).repeat(len(c.dream_layers)))
+    return aasd, cross
+
+
+def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture: dict | None = None):
+    """Loss and metrics of one drafter on one cached batch (EAGLE-3 training-time test).
+
+    Every loss term is a masked dense row of [B, Tq1] (the unrolled rows R): no index lists built on
+    the host, no host-device synchronisation; shapes come from host-side copies of the plan sizes.
+    capture: if a dict, receives the plan and, per unroll step j, (entry indices, features [B, Tq, k, H]).
+    Returns (loss tensor, dict of 0-dim tensors)."""
+    c = net.cfg
+    dev = sb.dev
+    plan = sb.plan(c)
+    B, Te, T = sb.B, plan.Te, sb.T
+    emb_next = sb.hs[0][:, 1:]  # [B, N, H] input embedding of token p + 1
+    N = emb_next.shape[1]
+    feat = net.feature_in({i: h[:, :N] for i, h in sb.hs.items()})
+    xp = net.input_x(emb_next, feat, sb.vis)
+    x0, g = first_input(net, sb, plan, xp)
+    src, kind, post, rope, R, rv = plan.src, plan.kind, plan.post, plan.rope, plan.R, plan.rv
+    valid = kind >= 0
+    emb_e = _gather(emb_next, src)
+    eidx = torch.arange(Te, device=dev)
+    is_text = kind == TEXT
+    J = max(1, c.unroll)
+    Tq1 = R.shape[1]
+    aasd, cross_kv = side_memories(net, sb)
 
     def cross_for(src_rows, j):
         if cross_kv is None:
@@ -346,19 +151,13 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
         Kc, Vc, cpos = cross_kv
         return (Kc, Vc, cpos[None, None, :] <= (src_rows - j)[..., None])
 
-    w_np = np.ones(B, dtype=np.float32)  # MSD two-stage sample weights
-    if c.two_stage and train:
-        img = sb.with_image_np.astype(np.float32)
-        if progress < 0.5:
-            w_np = 1.0 - img
-        else:
-            share = 0.05 + 0.9 * min(1.0, (progress - 0.5) / 0.5)
-            w_np = img * share + (1 - img) * (1 - share)
-
+    w = sample_weights(c, sb, progress, train)
+    # Loss terms on rows R: entry R (text, src >= P - 1) with head h predicts q = src + 1 + h <= len - 2.
+    src_R, text_R = _gather(src, R), _gather(is_text, R) & rv
+    base_ok = text_R & (src_R >= sb.P[:, None] - 1)
     total = torch.zeros((), device=dev)
     stats: dict[str, torch.Tensor] = {}
     fj_prev, f0, kv_steps = None, None, []
-    hs_top = sb.hs[L].reshape(B * T, H)
     qi = torch.arange(Tq1, device=dev)
     for j in range(J):
         if j == 0:
@@ -376,8 +175,8 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             xj = net.input_x(_gather(emb_e, R), fin)
             if g is not None:
                 xj = torch.where(_gather(post, R)[..., None], net.fuse_global(xj, g.to(xj.dtype)), xj)
-            x = torch.where((_gather(is_text, R) & rv)[..., None], xj.to(x0.dtype), _gather(x0, R))
-            rope_j, src_j = _gather(rope, R), _gather(src, R)
+            x = torch.where(text_R[..., None], xj.to(x0.dtype), _gather(x0, R))
+            rope_j, src_j = _gather(rope, R), src_R
             past = [(torch.cat([s[li][0] for s in kv_steps], 2), torch.cat([s[li][1] for s in kv_steps], 2))
                     for li in range(len(net.layers))]
             parts = [(eidx[None, None, :] <= (R - j)[:, :, None]) & valid[:, None, :]]
@@ -386,48 +185,55 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             mask = torch.cat(parts, -1)
         am = None
         if aasd is not None:
-            am = (aasd[0], aasd[1], aasd[2][:, :1].expand(-1, x.shape[1], -1))
+            am = (aasd[0], aasd[1], aasd[2].expand(-1, x.shape[1], -1))
         r, new, xo = net.run(x, rope_j, past, mask, am, cross_for(src_j, j))
         kv_steps.append(new)
         fh = net.head_feats(r)  # [B, Tq, k, H]
-        Tq = fh.shape[1]
         if capture is not None:
-            capture["plan"] = plan
+            capture["plan"] = {"src": src, "kind": kind}
             capture[j] = (rows_idx, fh.detach())
         if j == 0:
             f0 = fh
+            fh, xo = _gather(fh, R), (_gather(xo, R) if xo is not None else None)  # the loss rows
         else:
             fj_prev = fh[:, :, 0]
         for h in range(c.flash):
-            fi, ti, pi, bi = loss_index(plan, sb, None if j == 0 else R_np, None if j == 0 else rv_np, h)
-            wsum = float(w_np[bi].sum())
-            if len(fi) == 0 or wsum <= 0:
-                continue
-            to = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
-            fi_t, ti_t, pi_t = to(fi), to(ti), to(pi)
-            wt = to(w_np[bi] / wsum)
-            fpred = fh[:, :, h].reshape(B * Tq, H).index_select(0, fi_t)
-            tl = sb.tlogp.index_select(0, ti_t)
-            sl = torch.log_softmax(net.logits(fpred).float(), -1)
-            kl = (tl.exp() * (tl - sl)).sum(-1)
-            loss = c.w_kl * kl
-            if c.w_feat > 0:
-                ftgt = hs_top.index_select(0, pi_t)
-                loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), ftgt.float(), reduction="none").mean(-1)
-            if j == 0 and h == 0 and c.dream and c.dream_super >= 0:
-                itgt = sb.hs[c.hs_index(c.dream_super)].reshape(B * T, H).index_select(0, pi_t)
-                xsel = xo.reshape(B * Tq, H).index_select(0, fi_t)
-                loss = loss + c.w_inter * F.smooth_l1_loss(rms(xsel).float(), rms(itgt).float(), reduction="none").mean(-1)
-            total = total + (0.8**j) * (1.0 if h == 0 else 0.5) * (loss * wt).sum()
-            agree = (sl.argmax(-1) == tl.argmax(-1)).float().mean().detach()
-            if h == 0:
-                stats[f"acc{j}"] = agree
-                stats[f"kl{j}"] = kl.detach().mean()
-            elif j == 0:
-                stats[f"head{h}_acc"] = agree
+            total = total + (0.8**j) * (1.0 if h == 0 else 0.5) * head_loss(
+                net, sb, fh[:, :, h], xo if j == 0 and h == 0 else None, src_R, base_ok, w, h, stats, j)
     stats["loss"] = total.detach()
     return total, stats
 
+
+def head_loss(net: FeatNet, sb, fpred, xo, src_R, base_ok, w, h: int, stats: dict, j: int):
+    """Weighted mean over the loss rows of KL(target || drafter) (+ feature and DREAM terms) for the
+    features fpred [B, Tq1, H] that head h predicts; fills the agreement statistics."""
+    c, L = net.cfg, net.cfg.L
+    q = src_R + 1 + h
+    ok = base_ok & (q <= sb.len[:, None] - 2)
+    qc = q.clamp(0, sb.T - 1)
+    # Target log-probs: flat row off + q - P of the cached answer-position logits (clamped off the mask).
+    trow = (sb.off[:, None] + q - sb.P[:, None]).clamp(0, sb.logits.shape[0] - 1)
+    tl = torch.log_softmax(sb.logits.index_select(0, trow.reshape(-1)).float(), -1).view(*trow.shape, -1)
+    sl = torch.log_softmax(net.logits(fpred).float(), -1)
+    kl = (tl.exp() * (tl - sl)).sum(-1)
+    loss = c.w_kl * kl
+    if c.w_feat > 0:
+        ftgt = _flat_rows(sb.hs[L], qc)
+        loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), ftgt.float(), reduction="none").mean(-1)
+    if xo is not None and c.dream and c.dream_super >= 0:
+        itgt = _flat_rows(sb.hs[c.hs_index(c.dream_super)], qc)
+        loss = loss + c.w_inter * F.smooth_l1_loss(rms(xo).float(), rms(itgt).float(), reduction="none").mean(-1)
+    wt = ok.float() * w[:, None]
+    # where(), not a product: rows off the mask never reach the sum (nor its gradient).
+    out = torch.where(ok, loss, torch.zeros_like(loss)).mul(wt).sum() / wt.sum().clamp_min(1e-12)
+    n_ok = ok.sum().clamp_min(1)
+    agree = ((sl.argmax(-1) == tl.argmax(-1)) & ok).sum().float().div(n_ok).detach()
+    if h == 0:
+        stats[f"acc{j}"] = agree
+        stats[f"kl{j}"] = (torch.where(ok, kl, torch.zeros_like(kl)).sum() / n_ok).detach()
+    elif j == 0:
+        stats[f"head{h}_acc"] = agree
+    return out
 
 # ------------------------------------------------------------------------------------------------
 # Loop
@@ -450,20 +256,21 @@ def expected_accept(accs: list[float]) -> float:
     return tot
 
 
-def evaluate(nets, target, batches, need):
+def evaluate(nets, cache: FeatureCache, batch: int):
+    """Held-out metrics per variant (teacher-forced on the cached held-out sequences)."""
     out = {}
-    agg: dict[str, dict[str, list[float]]] = {v: {} for v in nets}
-    for batch in batches:
-        sb = target_pass(target, batch, need)
+    agg: dict[str, dict[str, list[torch.Tensor]]] = {v: {} for v in nets}
+    for lo in range(0, cache.n, batch):
+        sb = cache.view(np.arange(lo, min(cache.n, lo + batch)))
         for v, net in nets.items():
             net.eval()
-            with torch.no_grad(), autocast(target.device):
+            with torch.no_grad(), autocast(cache.target.device):
                 _, st = variant_loss(net, sb, 1.0, train=False)
             for k, x in st.items():
-                agg[v].setdefault(k, []).append(float(x))
+                agg[v].setdefault(k, []).append(x)
             net.train()
     for v, d in agg.items():
-        out[v] = {k: round(sum(x) / len(x), 4) for k, x in d.items()}
+        out[v] = {k: round(float(torch.stack(x).float().mean()), 4) for k, x in d.items()}
         accs = [out[v][f"acc{j}"] for j in range(nets[v].cfg.unroll) if f"acc{j}" in out[v]]
         out[v]["chain_accept"] = round(expected_accept(accs), 3)
     return out
@@ -549,23 +356,12 @@ def write_card(path: Path, v: str, net: FeatNet, info: dict) -> None:
         "",
         "## Training",
         "",
-        f"- Self-distillation by teacher forcing: synthetic world prompts (`mmspec.world.sample_example`, "
-        f"{int(TEXT_FRAC * 100)}% of image questions and half of the text-only ones asked without the image) with their "
-        "ground-truth answers, run through the target; "
-        "targets = the target's own next-token distributions (KL) and last-layer features (SmoothL1).",
-        f"- Loss: {c.w_kl} x KL + {c.w_feat} x SmoothL1(feature)"
-        + (f" + {c.w_inter} x SmoothL1(cross block -> layer {c.dream_super})" if c.dream else "")
-        + f"; training-time test over {c.unroll} unrolled steps (weights 0.8^j)"
-        + (f"; {c.flash} future heads (weight 0.5 beyond the first)" if c.flash > 1 else "")
-        + ("; MSD schedule: text-only samples for the first half, then the multimodal share rises 5% -> 95%" if c.two_stage else "")
-        + ".",
-        f"- {info['steps']} steps x batch {info['batch']} ({info['samples']} samples), AdamW lr {info['lr']} "
-        f"(warm-up, cosine), bf16 autocast on GPU; all variants trained together from shared target forwards "
-        f"in {info['train_seconds']:.0f} s (whole run {info['run_seconds']:.0f} s) on {info['hardware']}.",
+        *training_lines(c, info),
         "",
         "## Measured quality (held-out prompts)",
         "",
-        f"- Top-1 agreement with the target, teacher-forced, by draft depth (training-time-test unroll): "
+        f"- Top-1 agreement with the target on the target's greedy answers to held-out prompts, teacher-forced, "
+        "by draft depth (training-time-test unroll): "
         + ", ".join(f"depth {j + 1}: {100 * ev[f'acc{j}']:.1f}%" for j in range(c.unroll) if f"acc{j}" in ev)
         + f"; implied mean accepted length of a chain of {c.unroll}: {ev.get('chain_accept', 'n/a')}.",
     ]
@@ -578,150 +374,243 @@ def write_card(path: Path, v: str, net: FeatNet, info: dict) -> None:
             f"output identical to vanilla: {en['lossless_check']}, wall-clock speed-up {en['speedup_vs_vanilla']}x "
             f"on {info['hardware']}."
         )
+    lines += ["", "## Held-out curve", "", *curve_lines(c, info)]
     path.joinpath("README.md").write_text("\n".join(lines) + "\n")
+
+
+def training_lines(c, info: dict) -> list[str]:
+    pool, held = info["pool"], info["held_out"]
+    if pool["answers"] == "target":
+        data = (f"- Self-distillation on the target's own answers: {pool['prompts']} synthetic world prompts "
+                f"(`mmspec.world.sample_example`, {int(TEXT_FRAC * 100)}% of image questions and half of the text-only "
+                f"ones asked without the image) answered by the target ({int(100 * pool['sampled_frac'])}% sampled at "
+                f"T=1, the rest greedy; {pool['answer_tokens']} answer tokens, {pool['ended_with_eos']} ended with eos; "
+                f"generated in {pool['generation_seconds']:.0f} s), then run through the target once (teacher forcing) and "
+                "kept on the device: the drafter learns the target's next-token distributions (KL) and last-layer "
+                "features (SmoothL1) at every answer position.")
+    else:
+        data = (f"- Teacher forcing on {pool['prompts']} synthetic world prompts with their ground-truth answers, run "
+                "through the target once; targets = the target's next-token distributions (KL) and last-layer features.")
+    return [
+        data,
+        f"- Loss: {c.w_kl} x KL + {c.w_feat} x SmoothL1(feature)"
+        + (f" + {c.w_inter} x SmoothL1(cross block -> layer {c.dream_super})" if c.dream else "")
+        + f"; training-time test over {c.unroll} unrolled steps (weights 0.8^j)"
+        + (f"; {c.flash} future heads (weight 0.5 beyond the first)" if c.flash > 1 else "")
+        + ("; MSD schedule: text-only samples for the first half, then the multimodal share rises 5% -> 95%" if c.two_stage else "")
+        + ".",
+        f"- {info['trained_steps']} steps x batch {info['batch']} ({info['samples']} samples), AdamW lr {info['lr']} "
+        f"(warm-up, cosine), bf16 autocast on GPU; all variants trained together from one cache of target passes "
+        f"in {info['train_seconds']:.0f} s (whole run {info['run_seconds']:.0f} s, pool {pool['seconds']:.0f} s) on "
+        f"{info['hardware']}.",
+        f"- Stopping: held-out top-1 agreement on {held['prompts']} held-out prompts (the target's greedy answers), "
+        f"every {info['eval_every']} steps; a variant stops after {info['patience']} evaluations without a better chain "
+        f"acceptance; the weights of its best evaluation are kept (step {info['best_step']})"
+        + (f"; run ended by {info['stopped']}" if info.get("stopped") else "") + ".",
+    ]
+
+
+def curve_lines(c, info: dict) -> list[str]:
+    """The held-out curve as a table: top-1 agreement by draft depth and the implied chain acceptance."""
+    head = "| step | " + " | ".join(f"depth {j + 1}" for j in range(c.unroll)) + " | chain accept |"
+    rows = [head, "|" + "---|" * (c.unroll + 2)]
+    for r in info["curve"]:
+        accs = " | ".join("-" if a is None else f"{100 * a:.1f}%" for a in r[1:-1])
+        rows.append(f"| {r[0]}{' (kept)' if r[0] == info['best_step'] else ''} | {accs} | {r[-1]} |")
+    return rows
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mmspec.train_feature", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="target directory (default: the embedded assets/models/mmspec-target)")
-    ap.add_argument("--variant", action="append", default=None, help=f"one of {', '.join(VARIANTS)} or 'all'; repeatable")
+    ap.add_argument("--variant", action="append", default=None,
+                    help=f"comma-separated names ({', '.join(VARIANTS)}) or 'all'; repeatable, e.g. eagle3,dream,vispec,aasd")
     ap.add_argument("--out", default="assets/models")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--steps", type=int, default=None, help="planned steps (default 1200; --smoke: 30)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="planned steps of the cosine schedule (default 20000: the time budget or patience ends the run "
+                         "first; --smoke: 30)")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-answer", type=int, default=160)
-    ap.add_argument("--time-budget-min", type=float, default=None, help="whole run, evaluation and saving included")
+    ap.add_argument("--pool", type=int, default=8192, help="training prompts answered by the target (self-distillation)")
+    ap.add_argument("--sampled-frac", type=float, default=0.25, help="share of the pool answered by sampling at T=1")
+    ap.add_argument("--gen-batch", type=int, default=1024, help="prompts per generate call (and per cached target pass)")
+    ap.add_argument("--ground-truth", action="store_true", help="learn on the world's answers instead of the target's own")
+    ap.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (the target's greedy answers)")
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--eval-batches", type=int, default=2)
+    ap.add_argument("--patience", type=int, default=4,
+                    help="evaluations without a better held-out chain acceptance before a variant stops (best kept)")
+    ap.add_argument("--time-budget-min", type=float, default=None, help="whole run: pool, training, evaluation, saving")
     ap.add_argument("--engine-eval", type=int, default=2, help="held-out prompts decoded with the engine per variant (0 = skip)")
     ap.add_argument("--engine-tree", default="dynamic:24,5,4")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: few steps, small batches")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: few steps, small batches and pool")
     ap.add_argument("--profile", action="store_true", help="synchronise and report time per phase and variant")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps = args.steps or 30
+        args.batch = min(args.batch, 6)
+        args.max_answer = min(args.max_answer, 24)
+        args.pool = min(args.pool, 48)
+        args.gen_batch = min(args.gen_batch, 16)
+        args.eval_prompts = min(args.eval_prompts, 12)
+        args.eval_every = 10
+        args.engine_eval = min(args.engine_eval, 1)
+        args.device = args.device or "cpu"
+        args.lr = max(args.lr, 3e-3)
+    args.steps = args.steps or 20000
+    return args
 
 
-def main(argv=None) -> dict:
-    from tqdm import tqdm
-
-    from mmspec.load import load_target
-    from mmspec.world import held_out_seeds
-
-    args = parse_args(argv)
-    t_run = time.time()
-    # Shapes change every batch: let the caching allocator grow segments instead of fragmenting.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+def parse_variants(names) -> list[str]:
     variants = []
-    for v in args.variant or ["eagle"]:
+    for v in names or ["eagle"]:
         for name in (list(VARIANTS) if v == "all" else v.split(",")):
             if name not in VARIANTS:
                 raise InputError(f"unknown variant {name!r}: use {', '.join(VARIANTS)} or all")
             if name not in variants:
                 variants.append(name)
-    if args.smoke:
-        args.steps = args.steps or 30
-        args.batch = min(args.batch, 6)
-        args.max_answer = min(args.max_answer, 24)
-        args.eval_every = 10
-        args.eval_batches = 1
-        args.engine_eval = min(args.engine_eval, 1)
-        args.device = args.device or "cpu"
-        args.lr = max(args.lr, 3e-3)
-        torch.set_num_threads(1)  # tiny tensors: threads only contend
-    args.steps = args.steps or 1200
-    target = load_target(args.target, args.device)
-    if target.family.name != "llava":
-        raise InputError("train_feature supports 1-D RoPE targets (LLaVA family); inference works for all families")
-    dev = target.device
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:  # per-shape plan building of cuDNN attention does not pay off with ever-changing shapes
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        except AttributeError:
-            pass
-    torch.manual_seed(args.seed)
-    workers = args.workers if args.workers is not None else (0 if args.smoke or dev.type == "cpu" else min(14, (os.cpu_count() or 2) - 2))
-    log(f"[feat] target {target.name} on {dev} ({target.dtype}); variants {variants}; {hardware(dev)}")
+    return variants
 
-    eval_n = args.batch * args.eval_batches
-    ev_loader = loader(target, held_out_seeds(eval_n, offset=500_000), args.batch, 0, args.max_answer)
-    eval_batches = list(ev_loader)
-    # Attention-entropy calibration (DREAM layer choice) on the first held-out batch.
+
+def chunked(loader, n: int):
+    """Lists of n items from a loader of item lists (workers fill small batches, generation takes big ones)."""
+    buf = []
+    for items in loader:
+        buf.extend(items)
+        while len(buf) >= n:
+            yield buf[:n]
+            buf = buf[n:]
+    if buf:
+        yield buf
+
+
+def build_pool(target, need, seeds, args, workers, sampled_frac: float, desc: str):
+    """A FeatureCache of the target's own answers to the prompts of `seeds` (greedy; the last
+    sampled_frac of the chunks sampled at T=1), or of the world's answers with --ground-truth."""
     t0 = time.time()
-    sb = target_pass(target, eval_batches[0], {"layers": (), "cache": True, "saliency": False, "profile": True})
-    profile = sb.profile
-    del sb
-    choice = entropy.choose_layers(profile)
-    log(f"[feat] entropy profile {[round(x, 3) for x in profile]} -> chosen layers {choice[0]}, supervised {choice[1]} "
-        f"({time.time() - t0:.1f}s)")
+    cache, coll = FeatureCache(target, need), Collate(pad_id(target))
+    n_chunks = -(-len(seeds) // args.gen_batch)
+    n_sampled = int(round(sampled_frac * n_chunks))
+    gen_s, eos, n_eos, n_tok = 0.0, target.tokenizer.eos_token_id, 0, 0
+    for k, items in enumerate(chunked(item_loader(target, seeds, 64, workers, args.max_answer), args.gen_batch)):
+        if not args.ground_truth:
+            t = time.time()
+            items = with_answers(items, target_answers(target, items, args.max_answer, sample=k >= n_chunks - n_sampled))
+            gen_s += time.time() - t
+        n_eos += sum(1 for it in items if it["ids"][-1] == eos)
+        n_tok += sum(len(it["ids"]) - it["P"] for it in items)
+        cache.add(coll(items))
+    cache.finish()
+    info = {"prompts": cache.n, "answers": "world ground truth" if args.ground_truth else "target",
+            "sampled_frac": 0.0 if args.ground_truth else round(n_sampled / max(1, n_chunks), 3),
+            "answer_tokens": n_tok, "ended_with_eos": n_eos, "generation_seconds": round(gen_s, 1),
+            "seconds": round(time.time() - t0, 1)}
+    log(f"[feat] {desc}: {info}")
+    return cache, info
 
+
+def make_nets(variants, target, choice, args):
     nets, opts = {}, {}
-    smoke_over = {"unroll": 2} if args.smoke else {}
+    dev = target.device
     for v in variants:
-        cfg = make_config(v, target.model, choice, **smoke_over)
+        cfg = make_config(v, target.model, choice, **({"unroll": 2} if args.smoke else {}))
         net = FeatNet(cfg, Shared(target.model)).to(dev).train()
         nets[v] = net
         opts[v] = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                     **({"fused": True} if dev.type == "cuda" else {}))
         log(f"[feat] {v}: {size_report(net)} options {cfg.options()}")
-    need = {
-        "layers": tuple(sorted(set().union(*[n.target_layers for n in nets.values()]))),
-        "cache": any(n.cfg.aasd for n in nets.values()),
-        "saliency": any(n.cfg.compress == "topk" for n in nets.values()),
-    }
-    need["cache"] = need["cache"] or need["saliency"]
+    return nets, opts
 
-    before = evaluate(nets, target, eval_batches, need)
-    log("[feat] before training: " + "; ".join(f"{v} acc0 {before[v].get('acc0')} loss {before[v]['loss']}" for v in variants))
 
+def needs(nets) -> dict:
+    """What the cache keeps: the union of the variants' hidden-state layers, KV cache, saliency."""
+    saliency = any(n.cfg.compress == "topk" for n in nets.values())
+    return {"layers": tuple(sorted(set().union(*[n.target_layers for n in nets.values()]))),
+            "cache": any(n.cfg.aasd for n in nets.values()), "saliency": saliency,
+            "kv_layer": next((n.cfg.aasd_layer for n in nets.values() if n.cfg.aasd), -1)}
+
+
+class Tracker:
+    """Held-out curve and early stopping: per variant, the best chain acceptance (from the top-1
+    agreements at every depth), its weights, and the evaluations since it last improved."""
+
+    def __init__(self, nets, patience: int):
+        self.nets, self.patience = nets, patience
+        self.curve: list[tuple[int, dict]] = []
+        self.best: dict[str, tuple[int, dict]] = {}
+        self.state: dict[str, dict] = {}
+        self.bad = {v: 0 for v in nets}
+
+    def update(self, step: int, ev: dict) -> list[str]:
+        """Record an evaluation; returns the variants that ran out of patience now."""
+        self.curve.append((step, ev))
+        done = []
+        for v, e in ev.items():
+            if v not in self.best or e["chain_accept"] > self.best[v][1]["chain_accept"]:
+                self.best[v] = (step, e)
+                self.state[v] = {k: t.detach().clone() for k, t in self.nets[v].state_dict().items()}
+                self.bad[v] = 0
+            else:
+                self.bad[v] += 1
+                if self.bad[v] >= self.patience:
+                    done.append(v)
+        return done
+
+    def restore(self) -> None:
+        for v, sd in self.state.items():
+            self.nets[v].load_state_dict(sd)
+
+    def rows(self, v: str) -> list[list]:
+        """[step, acc0, acc1, ..., chain_accept] per evaluation of v."""
+        n = self.nets[v].cfg.unroll
+        return [[s, *[ev[v].get(f"acc{j}") for j in range(n)], ev[v]["chain_accept"]] for s, ev in self.curve if v in ev]
+
+
+def train_loop(nets, opts, pool: FeatureCache, held: FeatureCache, args, deadline) -> dict:
+    """Steps over shuffled pool rows until the planned steps, the deadline, or every variant's patience ends."""
+    from tqdm import tqdm
+
+    dev = pool.target.device
     total = args.steps
     sched = Schedule(total, warmup=max(3, min(30, total // 10)), floor=0.05)
-    seeds = [SEED_BASE + args.seed * 10_000_000 + i for i in range(total * args.batch * 2)]
-    tr_loader = loader(target, seeds, args.batch, workers, args.max_answer)
-    reserve = 20 + (args.engine_eval * 2.5 * len(variants) if dev.type == "cuda" else 0)
-    deadline = t_run + 60 * args.time_budget_min - reserve if args.time_budget_min else None
-    t_train = time.time()
-    step = 0
-    hist: dict[str, list[float]] = {v: [] for v in variants}
-    evals = {}
-    bar = tqdm(total=total, desc="feature drafters", file=sys.stdout, mininterval=5.0, disable=None)
-    it = iter(tr_loader)
-    stopped = None
-    t_measure = None
+    rng = np.random.default_rng(args.seed)
+    track, active = Tracker(nets, args.patience), dict(nets)
+    hist: dict[str, list[torch.Tensor]] = {v: [] for v in nets}
     prof: dict[str, float] = {}
+    step, order, stopped, t_measure, t0 = 0, np.zeros(0, np.int64), None, None, time.time()
+    bar = tqdm(total=total, desc="feature drafters", file=sys.stdout, mininterval=5.0, disable=None)
 
     def tick(key, t):
-        if args.profile:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.time()
-            prof[key] = prof.get(key, 0.0) + now - t
-            return now
-        return t
+        if not args.profile:
+            return t
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.time()
+        prof[key] = prof.get(key, 0.0) + now - t
+        return now
 
-    while step < total:
+    while step < total and active:
+        if len(order) < args.batch:  # a new epoch: every pool row once, in a fresh order
+            order = np.concatenate([order, rng.permutation(pool.n)])
+        idx, order = order[: args.batch], order[args.batch:]
         tp = time.time()
-        batch = next(it)
-        tp = tick("data", tp)
-        sb = target_pass(target, batch, need)
-        tp = tick("target", tp)
-        prog = step / max(1, total)
+        sb = pool.view(idx)
+        tp = tick("gather", tp)
         for g in opts.values():
             for pg in g.param_groups:
                 pg["lr"] = args.lr * sched(step)
-        for v, net in nets.items():
+        for v, net in active.items():
             with autocast(dev):
-                loss, st = variant_loss(net, sb, prog)
-            if loss.requires_grad:
-                opts[v].zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opts[v].step()
+                loss, st = variant_loss(net, sb, step / max(1, total))
+            opts[v].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opts[v].step()
             hist[v].append(st["loss"])
             tp = tick(v, tp)
-        del sb
         step += 1
         bar.update(1)
         if step == 10:
@@ -730,27 +619,81 @@ def main(argv=None) -> dict:
             rate = (step - t_measure[1]) / max(1e-6, time.time() - t_measure[0])
             fit = step + int((deadline - time.time()) * rate)
             if fit < total:
-                total = max(step + 1, fit)
-                sched.total = total
-                bar.total = total
+                total = sched.total = bar.total = max(step + 1, fit)
                 stopped = f"time budget: {total} of {args.steps} planned steps"
         if step % args.eval_every == 0 or step == total:
             if args.profile:
-                bar.write(f"[feat] s/step by phase: " + ", ".join(f"{k} {x / step:.3f}" for k, x in prof.items()))
-            ev = evaluate(nets, target, eval_batches, need)
-            evals[step] = ev
+                bar.write("[feat] s/step by phase: " + ", ".join(f"{k} {x / step:.4f}" for k, x in prof.items()))
+            ev = evaluate(active, held, args.batch)
+            for v in track.update(step, ev):
+                del active[v]
+                bar.write(f"[feat] {v}: no better held-out agreement for {args.patience} evaluations; "
+                          f"best at step {track.best[v][0]}")
             bar.write(f"[feat] step {step}/{total} " + "; ".join(
                 f"{v}: acc {'/'.join(str(ev[v].get(f'acc{j}', '-')) for j in range(nets[v].cfg.unroll))} "
-                f"chain {ev[v]['chain_accept']} loss {ev[v]['loss']}" for v in variants))
+                f"chain {ev[v]['chain_accept']} loss {ev[v]['loss']}" for v in ev))
     bar.close()
-    train_s = time.time() - t_train
-    final = evals.get(step) or evaluate(nets, target, eval_batches, need)
-    log(f"[feat] trained {step} steps in {train_s:.0f}s" + (f" ({stopped})" if stopped else ""))
+    if not active and step < total:
+        stopped = f"patience: every variant stopped improving by step {step}"
+    track.restore()
+    return {"steps": step, "stopped": stopped, "seconds": time.time() - t0, "track": track,
+            "hist": {v: [float(x) for x in h] for v, h in hist.items()}}
 
-    out_root = Path(args.out)
-    results = {}
-    vanilla_cache: dict = {}
-    eng_seeds = held_out_seeds(args.engine_eval, offset=600_000) if args.engine_eval else []
+
+def main(argv=None) -> dict:
+    from mmspec.load import load_target
+    from mmspec.world import held_out_seeds
+
+    args = parse_args(argv)
+    t_run = time.time()
+    # Shapes change every batch: let the caching allocator grow segments instead of fragmenting.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    variants = parse_variants(args.variant)
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny tensors: threads only contend
+    target = load_target(args.target, args.device)
+    if target.family.name != "llava":
+        raise InputError("train_feature supports 1-D RoPE targets (LLaVA family); inference works for all families")
+    dev = target.device
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    workers = args.workers if args.workers is not None else (0 if args.smoke or dev.type == "cpu" else min(14, (os.cpu_count() or 2) - 2))
+    log(f"[feat] target {target.name} on {dev} ({target.dtype}); variants {variants}; {hardware(dev)}")
+
+    held_seeds = held_out_seeds(args.eval_prompts, offset=500_000)
+    # Attention-entropy calibration (DREAM layer choice) on held-out prompts with the world's answers.
+    t0 = time.time()
+    first = next(iter(item_loader(target, held_seeds[: args.batch], args.batch, 0, args.max_answer)))
+    profile = batch_entropy(target, Collate(pad_id(target))(first))
+    choice = entropy.choose_layers(profile)
+    log(f"[feat] entropy profile {[round(x, 3) for x in profile]} -> chosen layers {choice[0]}, supervised {choice[1]} "
+        f"({time.time() - t0:.1f}s)")
+    nets, opts = make_nets(variants, target, choice, args)
+    need = needs(nets)
+    held, held_info = build_pool(target, need, held_seeds, args, workers, 0.0, "held-out prompts")
+    seeds = [SEED_BASE + args.seed * 10_000_000 + i for i in range(args.pool)]
+    pool, pool_info = build_pool(target, need, seeds, args, workers, args.sampled_frac, "training pool")
+    before = evaluate(nets, held, args.batch)
+    log("[feat] before training: " + "; ".join(f"{v} acc0 {before[v].get('acc0')} loss {before[v]['loss']}" for v in variants))
+
+    reserve = 20 + (args.engine_eval * 2.5 * len(variants) if dev.type == "cuda" else 0)
+    deadline = t_run + 60 * args.time_budget_min - reserve if args.time_budget_min else None
+    run = train_loop(nets, opts, pool, held, args, deadline)
+    log(f"[feat] trained {run['steps']} steps in {run['seconds']:.0f}s" + (f" ({run['stopped']})" if run["stopped"] else ""))
+    results = save_all(nets, target, args, t_run, deadline, {
+        "profile": profile, "choice": choice, "before": before, "run": run, "pool": pool_info, "held": held_info})
+    log(f"[feat] done in {time.time() - t_run:.0f}s")
+    return results
+
+
+def save_all(nets, target, args, t_run, deadline, ctx) -> dict:
+    """Save every variant (best held-out weights), check it end to end with the engine, write the cards."""
+    out_root, dev = Path(args.out), target.device
+    run, track = ctx["run"], ctx["run"]["track"]
+    profile, choice = ctx["profile"], ctx["choice"]
+    results, vanilla_cache = {}, {}
+    eng_seeds = held_out_seeds_engine(args.engine_eval)
     for v, net in nets.items():
         net.eval()
         path = out_root / f"mmspec-feat-{v}"
@@ -758,28 +701,24 @@ def main(argv=None) -> dict:
             "name": f"mmspec-feat-{v}", "entropy_profile": profile, "chosen_layers": list(choice[0]),
             "supervised_layer": choice[1], "trained": True,
         })
+        hist = run["hist"][v]
+        best_step, best = track.best[v]
         info = {
             "target_name": Path(target.name).name, "options": json.loads(json.dumps(net.cfg.options())),
-            "entropy_profile": profile, "chosen_layers": list(choice[0]), "steps": step, "batch": args.batch,
-            "samples": step * args.batch, "lr": args.lr, "train_seconds": round(train_s, 1),
-            "hardware": hardware(dev), **size_report(net),
-            "quality": {"heldout": final[v], "before_training": before[v]},
-            "loss_first10": round(float(np.mean([float(x) for x in hist[v][:10]])), 4) if hist[v] else None,
-            "loss_last10": round(float(np.mean([float(x) for x in hist[v][-10:]])), 4) if hist[v] else None,
+            "entropy_profile": profile, "chosen_layers": list(choice[0]), "steps": run["steps"],
+            "trained_steps": len(hist), "best_step": best_step, "stopped": run["stopped"], "batch": args.batch,
+            "eval_every": args.eval_every, "patience": args.patience,
+            "samples": len(hist) * args.batch, "lr": args.lr, "train_seconds": round(run["seconds"], 1),
+            "hardware": hardware(dev), "pool": ctx["pool"], "held_out": ctx["held"], **size_report(net),
+            "curve": track.rows(v), "quality": {"heldout": best, "before_training": ctx["before"][v]},
+            "loss_first10": round(float(np.mean(hist[:10])), 4) if hist else None,
+            "loss_last10": round(float(np.mean(hist[-10:])), 4) if hist else None,
         }
         save_feature_drafter(d, path, extra={"training": {k: info[k] for k in (
-            "steps", "batch", "samples", "lr", "train_seconds", "hardware", "loss_first10", "loss_last10")},
-            "quality": info["quality"]})
+            "steps", "trained_steps", "best_step", "stopped", "batch", "samples", "lr", "train_seconds", "hardware",
+            "loss_first10", "loss_last10", "pool", "held_out", "curve")}, "quality": info["quality"]})
         if eng_seeds and (deadline is None or time.time() < t_run + 60 * args.time_budget_min - 10):
-            loaded = load_feature_drafter(path, target)
-            try:
-                info["quality"]["engine"] = engine_eval(loaded, target, eng_seeds, args.engine_tree,
-                                                        24 if args.smoke else 96, vanilla_cache)
-            except Exception as e:  # noqa: BLE001 - a failed check is reported, the drafter is still saved
-                info["quality"]["engine"] = {"error": f"{type(e).__name__}: {e}"}
-            meta = json.loads((path / "mmspec_drafter.json").read_text())
-            meta["quality"] = info["quality"]
-            (path / "mmspec_drafter.json").write_text(json.dumps(meta, indent=2))
+            info["quality"]["engine"] = engine_check(path, target, eng_seeds, args, vanilla_cache)
         results[v] = info
     run_s = time.time() - t_run
     for v, net in nets.items():
@@ -791,9 +730,29 @@ def main(argv=None) -> dict:
         meta_p.write_text(json.dumps(meta, indent=2))
         q = results[v]["quality"]
         log(f"[feat] {v}: acc {[q['heldout'].get(f'acc{j}') for j in range(net.cfg.unroll)]} "
-            f"(before {q['before_training'].get('acc0')}), engine {q.get('engine')}, saved {out_root / f'mmspec-feat-{v}'}")
-    log(f"[feat] done in {run_s:.0f}s")
+            f"(before {q['before_training'].get('acc0')}) at step {results[v]['best_step']}, engine {q.get('engine')}, "
+            f"saved {out_root / f'mmspec-feat-{v}'}")
     return results
+
+
+def held_out_seeds_engine(n: int) -> list[int]:
+    from mmspec.world import held_out_seeds
+
+    return held_out_seeds(n, offset=600_000) if n else []
+
+
+def engine_check(path, target, seeds, args, vanilla_cache) -> dict:
+    """Reload the saved drafter and decode held-out prompts with the engine (a failure is reported)."""
+    loaded = load_feature_drafter(path, target)
+    try:
+        res = engine_eval(loaded, target, seeds, args.engine_tree, 24 if args.smoke else 96, vanilla_cache)
+    except Exception as e:  # noqa: BLE001 - a failed check is reported, the drafter is still saved
+        res = {"error": f"{type(e).__name__}: {e}"}
+    meta_p = Path(path) / "mmspec_drafter.json"
+    meta = json.loads(meta_p.read_text())
+    meta["quality"]["engine"] = res
+    meta_p.write_text(json.dumps(meta, indent=2))
+    return res
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""mmspec.train_feature's cached, vectorised loss against the frozen per-sample reference
+(tests/feat_loss_reference.py): same loss, statistics and gradients for every variant, so the
+speed-up cannot change what a drafter learns; and the self-distillation pool holds the target's
+own greedy answers."""
+import numpy as np
+import pytest
+import torch
+
+import feat_loss_reference as ref
+from mmspec import load_target
+from mmspec import train_feature as tf
+from mmspec.feature_drafter import VARIANTS, create_feature_drafter
+from mmspec.train_feature_data import FeatureCache, item_loader, target_answers, with_answers
+
+_cache: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(tiny_dir):
+    if not _cache:
+        tgt = load_target(str(tiny_dir / "llava"), "cpu", "float32")
+        items = _items(tgt)
+        assert {it["with_image"] for it in items} == {True, False}  # mixed layouts in one batch
+        _cache.update(tgt=tgt, items=items, batch=tf.Collate(0)(items), profile=None)
+    return _cache
+
+
+def drafter(c, variant):
+    d = create_feature_drafter(variant, c["tgt"], seed=1, profile=c["profile"])
+    c["profile"] = d.meta["entropy_profile"]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # switch every zero-initialised path on (gates, fusions)
+        for p in d.net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return d.net.train()
+
+
+def loss_and_grads(net, fn, sb, progress, train):
+    net.zero_grad(set_to_none=True)
+    loss, st = fn(net, sb, progress, train=train)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {k: float(v) for k, v in st.items()}, grads
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_loss_equals_per_sample_reference(tiny_dir, variant):
+    c = setup(tiny_dir)
+    net = drafter(c, variant)
+    need = {"layers": net.target_layers, "cache": True, "saliency": net.cfg.compress == "topk"}
+    old_sb = ref.target_pass(c["tgt"], c["batch"], need)
+    new_sb = tf.target_pass(c["tgt"], c["batch"], need)
+    # MSD weights differ by stage: check a text-only-stage step, a mixed-stage step and evaluation.
+    for progress, train in ((0.3, True), (0.8, True), (1.0, False)):
+        lo, so, go = loss_and_grads(net, ref.variant_loss, old_sb, progress, train)
+        ln, sn, gn = loss_and_grads(net, tf.variant_loss, new_sb, progress, train)
+        assert lo > 0 and np.isclose(ln, lo, rtol=1e-5, atol=1e-6), (variant, progress, ln, lo)
+        assert set(sn) >= set(so), (variant, set(so) - set(sn))
+        for k in so:
+            assert np.isclose(sn[k], so[k], rtol=1e-5, atol=1e-6), (variant, progress, k, sn[k], so[k])
+        assert go.keys() == gn.keys() and go
+        for n in go:
+            assert torch.allclose(gn[n], go[n], rtol=1e-4, atol=1e-6), (variant, progress, n)
+
+
+def test_cache_rows_do_not_depend_on_the_batch(tiny_dir):
+    """A batch gathered from a bigger cache (other rows, longer padding) gives the loss of the
+    same samples cached alone."""
+    c = setup(tiny_dir)
+    net = drafter(c, "dream")
+    need = {"layers": net.target_layers, "cache": True, "saliency": False}
+    big = FeatureCache(c["tgt"], need)
+    big.add(c["batch"])
+    ds = tf.WorldData(c["tgt"], [40, 41], max_answer=60, text_frac=0.5)
+    big.add(tf.Collate(0)([ds[0], ds[1]]))  # longer sequences: the cache pads to them
+    big.finish()
+    pick = np.array([3, 0, 4])
+    alone = FeatureCache(c["tgt"], need)
+    alone.add(tf.Collate(0)([c["items"][i] for i in pick]))
+    alone.finish()
+    with torch.no_grad():
+        a, sa = tf.variant_loss(net, big.view(pick), 1.0, train=False)
+        b, sb = tf.variant_loss(net, alone.view(np.arange(3)), 1.0, train=False)
+    assert torch.allclose(a, b, rtol=1e-5), (float(a), float(b))
+    for k in sb:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6), k
+    assert big.T > alone.T
+
+
+def _items(tgt):
+    ds = tf.WorldData(tgt, [21, 22, 23, 24, 25], max_answer=20, text_frac=0.5)
+    return [ds[i] for i in range(5)]
+
+
+def test_pool_holds_the_targets_greedy_answers(tiny_dir):
+    from mmspec import DecodeConfig, generate
+    from mmspec.world import sample_example
+
+    c = setup(tiny_dir)
+    tgt = c["tgt"]
+    items = next(iter(item_loader(tgt, [31, 32, 33], 3, 0, 12)))
+    answers = target_answers(tgt, items, 12, sample=False)
+    for it, ans in zip(items, answers):
+        img, qa, _ = sample_example(it["seed"])
+        want = generate(tgt, None, img if it["with_image"] else None, qa.prompt, DecodeConfig(max_new_tokens=12)).token_ids
+        assert ans == want, (it["seed"], ans, want)
+    rows = with_answers(items, answers)
+    assert all(r["ids"][: r["P"]] == it["ids"][: it["P"]] for r, it in zip(rows, items))
