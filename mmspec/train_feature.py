@@ -155,6 +155,7 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
     # Loss terms on rows R: entry R (text, src >= P - 1) with head h predicts q = src + 1 + h <= len - 2.
     src_R, text_R = _gather(src, R), _gather(is_text, R) & rv
     base_ok = text_R & (src_R >= sb.P[:, None] - 1)
+    targets = [loss_targets(net, sb, src_R, base_ok, w, h) for h in range(c.flash)]
     total = torch.zeros((), device=dev)
     stats: dict[str, torch.Tensor] = {}
     fj_prev, f0, kv_steps = None, None, []
@@ -199,41 +200,52 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             fj_prev = fh[:, :, 0]
         for h in range(c.flash):
             total = total + (0.8**j) * (1.0 if h == 0 else 0.5) * head_loss(
-                net, sb, fh[:, :, h], xo if j == 0 and h == 0 else None, src_R, base_ok, w, h, stats, j)
+                net, fh[:, :, h], xo if j == 0 and h == 0 else None, targets[h], stats, j, h)
     stats["loss"] = total.detach()
     return total, stats
 
 
-def head_loss(net: FeatNet, sb, fpred, xo, src_R, base_ok, w, h: int, stats: dict, j: int):
-    """Weighted mean over the loss rows of KL(target || drafter) (+ feature and DREAM terms) for the
-    features fpred [B, Tq1, H] that head h predicts; fills the agreement statistics."""
-    c, L = net.cfg, net.cfg.L
+def loss_targets(net: FeatNet, sb, src_R, base_ok, w, h: int) -> dict:
+    """What head h's loss compares against on rows R, the same at every unroll step: the mask of the
+    terms (entry R predicts q = src + 1 + h <= len - 2), their weights, and the target's
+    distribution, top-1 token and features at q."""
+    c = net.cfg
     q = src_R + 1 + h
     ok = base_ok & (q <= sb.len[:, None] - 2)
     qc = q.clamp(0, sb.T - 1)
-    # Target log-probs: flat row off + q - P of the cached answer-position logits (clamped off the mask).
-    trow = (sb.off[:, None] + q - sb.P[:, None]).clamp(0, sb.logits.shape[0] - 1)
-    tl = torch.log_softmax(sb.logits.index_select(0, trow.reshape(-1)).float(), -1).view(*trow.shape, -1)
-    sl = torch.log_softmax(net.logits(fpred).float(), -1)
-    kl = (tl.exp() * (tl - sl)).sum(-1)
-    loss = c.w_kl * kl
-    if c.w_feat > 0:
-        ftgt = _flat_rows(sb.hs[L], qc)
-        loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), ftgt.float(), reduction="none").mean(-1)
-    if xo is not None and c.dream and c.dream_super >= 0:
-        itgt = _flat_rows(sb.hs[c.hs_index(c.dream_super)], qc)
-        loss = loss + c.w_inter * F.smooth_l1_loss(rms(xo).float(), rms(itgt).float(), reduction="none").mean(-1)
     wt = ok.float() * w[:, None]
+    prob, negent, top = sb.target_dist()
+    t = {"ok": ok, "wt": wt, "wsum": wt.sum().clamp_min(1e-12), "n_ok": ok.sum().clamp_min(1),
+         "p": _flat_rows(prob, qc), "negent": _flat_rows(negent, qc), "top": _flat_rows(top, qc)}
+    if c.w_feat > 0:
+        t["feat"] = _flat_rows(sb.hs[c.L], qc).float()
+    if h == 0 and c.dream and c.dream_super >= 0:
+        t["inter"] = rms(_flat_rows(sb.hs[c.hs_index(c.dream_super)], qc)).float()
+    return t
+
+
+def head_loss(net: FeatNet, fpred, xo, t: dict, stats: dict, j: int, h: int):
+    """Weighted mean over the loss rows of KL(target || drafter) (+ feature and DREAM terms) for the
+    features fpred [B, Tq1, H] that head h predicts; fills the agreement statistics."""
+    c = net.cfg
+    sl = torch.log_softmax(net.logits(fpred).float(), -1)
+    kl = t["negent"] - (t["p"] * sl).sum(-1)  # sum p log p - sum p log q
+    loss = c.w_kl * kl
+    if "feat" in t:
+        loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), t["feat"], reduction="none").mean(-1)
+    if xo is not None and "inter" in t:
+        loss = loss + c.w_inter * F.smooth_l1_loss(rms(xo).float(), t["inter"], reduction="none").mean(-1)
+    ok = t["ok"]
     # where(), not a product: rows off the mask never reach the sum (nor its gradient).
-    out = torch.where(ok, loss, torch.zeros_like(loss)).mul(wt).sum() / wt.sum().clamp_min(1e-12)
-    n_ok = ok.sum().clamp_min(1)
-    agree = ((sl.argmax(-1) == tl.argmax(-1)) & ok).sum().float().div(n_ok).detach()
+    out = torch.where(ok, loss, torch.zeros_like(loss)).mul(t["wt"]).sum() / t["wsum"]
+    agree = ((sl.argmax(-1) == t["top"]) & ok).sum().float().div(t["n_ok"]).detach()
     if h == 0:
         stats[f"acc{j}"] = agree
-        stats[f"kl{j}"] = (torch.where(ok, kl, torch.zeros_like(kl)).sum() / n_ok).detach()
+        stats[f"kl{j}"] = (torch.where(ok, kl, torch.zeros_like(kl)).sum() / t["n_ok"]).detach()
     elif j == 0:
         stats[f"head{h}_acc"] = agree
     return out
+
 
 # ------------------------------------------------------------------------------------------------
 # Loop
@@ -438,8 +450,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int, default=1024, help="prompts per generate call (and per cached target pass)")
     ap.add_argument("--ground-truth", action="store_true", help="learn on the world's answers instead of the target's own")
     ap.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (the target's greedy answers)")
-    ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--patience", type=int, default=4,
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--patience", type=int, default=6,
                     help="evaluations without a better held-out chain acceptance before a variant stops (best kept)")
     ap.add_argument("--time-budget-min", type=float, default=None, help="whole run: pool, training, evaluation, saving")
     ap.add_argument("--engine-eval", type=int, default=2, help="held-out prompts decoded with the engine per variant (0 = skip)")

@@ -247,12 +247,13 @@ class FeatureCache:
         self.ids = _pad_cat([p["ids"] for p in parts], 1, self.T)
         self.sizes = [s for p in parts for s in p["sizes"]]
         self.kinds = [k for p in parts for k in p["kinds"]]
-        self.hs = {i: _pad_cat([p["hs"][i] for p in parts], 1, self.T) for i in self.need["layers"]}
-        self.logits = torch.cat([p["logits"] for p in parts])
+        # One layer at a time, dropping the parts' copies as they are joined: the peak stays near one cache.
+        self.hs = {i: _pad_cat([p["hs"].pop(i) for p in parts], 1, self.T) for i in self.need["layers"]}
+        self.logits = torch.cat([p.pop("logits") for p in parts])
         self.off = np.concatenate([[0], np.cumsum(cat("n_logits"))[:-1]]).astype(np.int64)
         if self.need["cache"]:
-            self.keys = _pad_cat([p["keys"] for p in parts], 2, self.T)
-            self.values = _pad_cat([p["values"] for p in parts], 2, self.T)
+            self.keys = _pad_cat([p.pop("keys") for p in parts], 2, self.T)
+            self.values = _pad_cat([p.pop("values") for p in parts], 2, self.T)
         self.saliency = None
         if self.need["saliency"]:
             nmax = max((p["saliency"].shape[1] for p in parts if p["saliency"] is not None), default=0)
@@ -375,6 +376,7 @@ class Batch:
         self.P, self.len, self.off, self.with_image = d["P"], d["len"], d["off"], d["with_image"]
         self.hs = {i: h.index_select(0, self.idx)[:, :T] for i, h in cache.hs.items()}
         self.logits = cache.logits
+        self._dist = None  # the target's distributions at answer positions, built on first use
         self.keys = cache.keys.index_select(0, self.idx)[:, :, :T] if cache.need["cache"] else None
         self.values = cache.values.index_select(0, self.idx)[:, :, :T] if cache.need["cache"] else None
         # Drafter position p is visual when token p + 1 is an image token.
@@ -388,6 +390,21 @@ class Batch:
             self.img_emb = hs0.gather(1, pos[..., None].expand(-1, -1, hs0.shape[-1]))
         else:
             self.img_emb = torch.zeros(self.B, 1, hs0.shape[-1], device=dev, dtype=hs0.dtype)
+
+    def target_dist(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target's distribution at every answer position [B, T], built once per batch for every
+        variant and unroll step: probabilities, sum p log p (KL = that - sum p log q), top-1 token.
+        Zero off the answers."""
+        if self._dist is None:
+            B, T = self.B, self.T
+            pos = torch.arange(T, device=self.dev)[None]
+            at = (pos >= self.P[:, None]) & (pos <= self.len[:, None] - 2)
+            row = (self.off[:, None] + pos - self.P[:, None]).clamp(0, self.logits.shape[0] - 1)
+            logp = torch.log_softmax(self.logits.index_select(0, row.reshape(-1)).float(), -1).view(B, T, -1)
+            logp = torch.where(at[..., None], logp, torch.zeros_like(logp))
+            prob = logp.exp() * at[..., None]
+            self._dist = (prob, (prob * logp).sum(-1), logp.argmax(-1))
+        return self._dist
 
     def plan(self, cfg) -> PlanView:
         """The entries of this batch for cfg, and the rows its unrolled steps run on."""
