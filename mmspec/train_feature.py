@@ -1,22 +1,26 @@
 """Train feature-level drafters (EAGLE family, see mmspec.feature_drafter) for a target VLM.
 
-    python -m mmspec.train_feature --target assets/models/mmspec-target --variant all \
-        --out assets/models --device cuda --time-budget-min 7.5
-    python -m mmspec.train_feature --target DIR --variant eagle --smoke --out /tmp/x   # CPU, < 60 s
+    python -m mmspec.train_feature --variant eagle3,dream,vispec,aasd --out assets/models --device cuda \
+        --time-budget-min 7
+    python -m mmspec.train_feature --target DIR --variant eagle --smoke --out /tmp/x   # CPU, tiny
 
-Self-distillation by teacher forcing: synthetic prompts and ground-truth answers from
-`mmspec.world.sample_example` are run through the target once per batch (bf16, hidden states,
-KV cache); the drafters learn the target's own next-token distributions (KL) and its last-layer
-features (SmoothL1) at every answer position. The target was trained on these answers, so they
-are close to what it generates; where it would say something else, the KL still teaches the
-target's distribution, not the ground truth. One target forward feeds every variant: all drafters
-train side by side on the same batches, so N variants cost one data pipeline and one target.
+Self-distillation: the target answers `--pool` synthetic world prompts (`mmspec.world.sample_example`;
+greedy, a `--sampled-frac` share sampled at T=1); each prompt + answer is run through the target once
+and what the drafters read is kept on the device (mmspec.train_feature_data.FeatureCache: hidden
+states, answer-position logits, one layer's KV cache, saliency, entry plans). Training steps gather
+shuffled rows of that cache: no target forward, no per-sample Python and no host sync in a step.
+The drafters learn the target's next-token distributions (KL) and last-layer features (SmoothL1) at
+every answer position. All variants train side by side on the same batches.
 
 Per variant: EAGLE-3 training-time test (unroll the drafter `unroll` steps on its own predicted
 features, diagonal attention masks, loss weight 0.8**j), plus DREAM's intermediate supervision,
 MSD's two-stage schedule (text-only samples, then a share of multimodal samples rising from 5% to
-95%), FLASH's future-head losses. Each variant is saved to OUT/mmspec-feat-<variant>/ with
-model.safetensors (fp16, the drafter's own weights only), mmspec_drafter.json and a README.md card.
+95%), FLASH's future-head losses. Held-out top-1 agreement (teacher-forced on the target's greedy
+answers to held-out prompts, every `--eval-every` steps) stops a variant after `--patience`
+evaluations without a better chain acceptance; its best weights are kept. The time budget covers
+the whole run (pool included). Each variant is saved to OUT/mmspec-feat-<variant>/ with
+model.safetensors (fp16, the drafter's own weights only), mmspec_drafter.json and a README.md card
+with the held-out curve.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -77,14 +80,13 @@ def _flat_rows(x, idx):
 
 def sample_weights(c, sb, progress: float, train: bool) -> torch.Tensor:
     """[B] loss weights: MSD's two-stage schedule (text-only, then a rising multimodal share); else 1."""
-    w = torch.ones(sb.B, device=sb.dev)
-    if c.two_stage and train:
-        img = sb.with_image.float()
-        if progress < 0.5:
-            return 1.0 - img
-        share = 0.05 + 0.9 * min(1.0, (progress - 0.5) / 0.5)
-        return img * share + (1 - img) * (1 - share)
-    return w
+    if not (c.two_stage and train):
+        return torch.ones(sb.B, device=sb.dev)
+    img = sb.with_image.float()
+    if progress < 0.5:
+        return 1.0 - img
+    share = 0.05 + 0.9 * min(1.0, (progress - 0.5) / 0.5)
+    return img * share + (1 - img) * (1 - share)
 
 
 def first_input(net: FeatNet, sb, plan, xp):
@@ -130,7 +132,7 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
     c = net.cfg
     dev = sb.dev
     plan = sb.plan(c)
-    B, Te, T = sb.B, plan.Te, sb.T
+    B, Te = sb.B, plan.Te
     emb_next = sb.hs[0][:, 1:]  # [B, N, H] input embedding of token p + 1
     N = emb_next.shape[1]
     feat = net.feature_in({i: h[:, :N] for i, h in sb.hs.items()})
@@ -372,7 +374,7 @@ def write_card(path: Path, v: str, net: FeatNet, info: dict) -> None:
         "",
         "## Measured quality (held-out prompts)",
         "",
-        f"- Top-1 agreement with the target on the target's greedy answers to held-out prompts, teacher-forced, "
+        "- Top-1 agreement with the target on the target's greedy answers to held-out prompts, teacher-forced, "
         "by draft depth (training-time-test unroll): "
         + ", ".join(f"depth {j + 1}: {100 * ev[f'acc{j}']:.1f}%" for j in range(c.unroll) if f"acc{j}" in ev)
         + f"; implied mean accepted length of a chain of {c.unroll}: {ev.get('chain_accept', 'n/a')}.",

@@ -291,15 +291,18 @@ def plan_key(cfg) -> tuple:
 
 
 def _entry_arrays(entries, m: int) -> dict[str, np.ndarray]:
-    n = len(entries)
-    a = {"src": np.zeros(n, np.int64), "rope": np.zeros(n, np.int64), "kind": np.zeros(n, np.int64),
-         "slot": np.zeros(n, np.int64), "post": np.zeros(n, bool), "mem": np.zeros((n, m), np.int64),
-         "memw": np.zeros((n, m), np.float32)}
-    for e, en in enumerate(entries):
-        a["src"][e], a["rope"][e], a["kind"][e], a["slot"][e], a["post"][e] = en.src, en.rope, en.kind, max(en.slot, 0), en.post
-        a["mem"][e] = en.src  # padding members point at the entry's own position with weight 0
-        a["mem"][e, : len(en.members)] = en.members
-        a["memw"][e, : len(en.members)] = 1.0 / len(en.members)
+    """Field arrays of a plan (whole-list conversions: this runs once per top-k sample)."""
+    src = np.array([e.src for e in entries], np.int64)
+    a = {"src": src, "rope": np.array([e.rope for e in entries], np.int64),
+         "kind": np.array([e.kind for e in entries], np.int64),
+         "slot": np.array([max(e.slot, 0) for e in entries], np.int64),
+         "post": np.array([e.post for e in entries], bool),
+         "mem": np.repeat(src[:, None], m, 1), "memw": np.zeros((len(entries), m), np.float32)}
+    a["memw"][:, 0] = 1.0
+    if m > 1:  # pooled entries: members, equal weights; padding members repeat src with weight 0
+        for e, en in enumerate(entries):
+            a["mem"][e, : len(en.members)] = en.members
+            a["memw"][e, : len(en.members)] = 1.0 / len(en.members)
     return a
 
 
