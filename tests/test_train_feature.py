@@ -113,3 +113,19 @@ def test_pool_holds_the_targets_greedy_answers(tiny_dir):
         assert ans == want, (it["seed"], ans, want)
     rows = with_answers(items, answers)
     assert all(r["ids"][: r["P"]] == it["ids"][: it["P"]] for r, it in zip(rows, items))
+
+
+def test_tracker_stops_on_patience_and_keeps_the_best_weights():
+    net = torch.nn.Linear(2, 2)
+    net.cfg = type("C", (), {"unroll": 1})()
+    tr = tf.Tracker({"v": net}, patience=2)
+    chains = [0.5, 0.7, 0.69, 0.7]  # best at the second evaluation; equal is not better
+    stops = []
+    for k, ch in enumerate(chains):
+        with torch.no_grad():
+            net.weight.fill_(float(k))
+        stops.append(tr.update(100 * (k + 1), {"v": {"acc0": ch, "chain_accept": ch}}))
+    assert stops == [[], [], [], ["v"]]
+    tr.restore()
+    assert torch.all(net.weight == 1.0) and tr.best["v"][0] == 200
+    assert tr.rows("v") == [[100, 0.5, 0.5], [200, 0.7, 0.7], [300, 0.69, 0.69], [400, 0.7, 0.7]]
