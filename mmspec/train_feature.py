@@ -128,7 +128,8 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
     Every loss term is a masked dense row of [B, Tq1] (the unrolled rows R): no index lists built on
     the host, no host-device synchronisation; shapes come from host-side copies of the plan sizes.
     capture: if a dict, receives the plan and, per unroll step j, (entry indices, features [B, Tq, k, H]).
-    Returns (loss tensor, dict of 0-dim tensors)."""
+    Returns (loss tensor, dict of 0-dim tensors: the loss, and with train=False the agreement and KL
+    per unroll step)."""
     c = net.cfg
     dev = sb.dev
     plan = sb.plan(c)
@@ -202,7 +203,7 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             fj_prev = fh[:, :, 0]
         for h in range(c.flash):
             total = total + (0.8**j) * (1.0 if h == 0 else 0.5) * head_loss(
-                net, fh[:, :, h], xo if j == 0 and h == 0 else None, targets[h], stats, j, h)
+                net, fh[:, :, h], xo if j == 0 and h == 0 else None, targets[h], None if train else stats, j, h)
     stats["loss"] = total.detach()
     return total, stats
 
@@ -226,7 +227,7 @@ def loss_targets(net: FeatNet, sb, src_R, base_ok, w, h: int) -> dict:
     return t
 
 
-def head_loss(net: FeatNet, fpred, xo, t: dict, stats: dict, j: int, h: int):
+def head_loss(net: FeatNet, fpred, xo, t: dict, stats: dict | None, j: int, h: int):
     """Weighted mean over the loss rows of KL(target || drafter) (+ feature and DREAM terms) for the
     features fpred [B, Tq1, H] that head h predicts; fills the agreement statistics."""
     c = net.cfg
@@ -240,6 +241,8 @@ def head_loss(net: FeatNet, fpred, xo, t: dict, stats: dict, j: int, h: int):
     ok = t["ok"]
     # where(), not a product: rows off the mask never reach the sum (nor its gradient).
     out = torch.where(ok, loss, torch.zeros_like(loss)).mul(t["wt"]).sum() / t["wsum"]
+    if stats is None:  # training steps only log the loss: no kernels for metrics nobody reads
+        return out
     agree = ((sl.argmax(-1) == t["top"]) & ok).sum().float().div(t["n_ok"]).detach()
     if h == 0:
         stats[f"acc{j}"] = agree
