@@ -493,36 +493,44 @@ def parse_variants(names) -> list[str]:
 
 
 def chunked(loader, n: int):
-    """Lists of n items from a loader of item lists (workers fill small batches, generation takes big ones)."""
-    buf = []
+    """Lists of n items from a loader of item lists, descriptions apart from short answers:
+    generate runs until a chunk's longest answer, and one description would keep a chunk of
+    one-line answers decoding for 160 steps."""
+    bufs: dict[bool, list] = {True: [], False: []}
     for items in loader:
-        buf.extend(items)
-        while len(buf) >= n:
-            yield buf[:n]
-            buf = buf[n:]
-    if buf:
-        yield buf
+        for it in items:
+            buf = bufs[it["kind"] == "describe"]
+            buf.append(it)
+            if len(buf) == n:
+                yield buf[:]
+                buf.clear()
+    yield from (buf for buf in bufs.values() if buf)
+
+
+def sampled_chunk(k: int, frac: float) -> bool:
+    """Whether chunk k is answered by sampling: a share frac of the chunks, spread evenly."""
+    return int((k + 1) * frac) > int(k * frac)
 
 
 def build_pool(target, need, seeds, args, workers, sampled_frac: float, desc: str):
-    """A FeatureCache of the target's own answers to the prompts of `seeds` (greedy; the last
+    """A FeatureCache of the target's own answers to the prompts of `seeds` (greedy; a share
     sampled_frac of the chunks sampled at T=1), or of the world's answers with --ground-truth."""
     t0 = time.time()
     cache, coll = FeatureCache(target, need), Collate(pad_id(target))
-    n_chunks = -(-len(seeds) // args.gen_batch)
-    n_sampled = int(round(sampled_frac * n_chunks))
-    gen_s, eos, n_eos, n_tok = 0.0, target.tokenizer.eos_token_id, 0, 0
+    gen_s, eos, n_eos, n_tok, n_sampled = 0.0, target.tokenizer.eos_token_id, 0, 0, 0
     for k, items in enumerate(chunked(item_loader(target, seeds, 64, workers, args.max_answer), args.gen_batch)):
         if not args.ground_truth:
             t = time.time()
-            items = with_answers(items, target_answers(target, items, args.max_answer, sample=k >= n_chunks - n_sampled))
+            sample = sampled_chunk(k, sampled_frac)
+            items = with_answers(items, target_answers(target, items, args.max_answer, sample=sample))
+            n_sampled += len(items) if sample else 0
             gen_s += time.time() - t
         n_eos += sum(1 for it in items if it["ids"][-1] == eos)
         n_tok += sum(len(it["ids"]) - it["P"] for it in items)
         cache.add(coll(items))
     cache.finish()
     info = {"prompts": cache.n, "answers": "world ground truth" if args.ground_truth else "target",
-            "sampled_frac": 0.0 if args.ground_truth else round(n_sampled / max(1, n_chunks), 3),
+            "sampled_frac": round(n_sampled / max(1, cache.n), 3),
             "answer_tokens": n_tok, "ended_with_eos": n_eos, "generation_seconds": round(gen_s, 1),
             "seconds": round(time.time() - t0, 1)}
     log(f"[feat] {desc}: {info}")

@@ -130,3 +130,14 @@ def test_tracker_stops_on_patience_and_keeps_the_best_weights():
     tr.restore()
     assert torch.all(net.weight == 1.0) and tr.best["v"][0] == 200
     assert tr.rows("v") == [[100, 0.5, 0.5], [200, 0.7, 0.7], [300, 0.69, 0.69], [400, 0.7, 0.7]]
+
+
+def test_generation_chunks_keep_descriptions_apart_and_sample_a_share():
+    items = [{"kind": "describe" if i % 3 == 0 else "count", "i": i} for i in range(20)]
+    loader = [items[i: i + 7] for i in range(0, 20, 7)]  # workers deliver small batches
+    chunks = list(tf.chunked(loader, 4))
+    assert sorted(it["i"] for c in chunks for it in c) == list(range(20))
+    assert all(len({it["kind"] for it in c}) == 1 and len(c) <= 4 for c in chunks)
+    assert sum(len(c) < 4 for c in chunks) <= 2  # only the two remainders are short
+    assert [tf.sampled_chunk(k, 0.25) for k in range(8)] == [False, False, False, True] * 2
+    assert not any(tf.sampled_chunk(k, 0.0) for k in range(8))
