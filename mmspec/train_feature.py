@@ -122,6 +122,32 @@ def side_memories(net: FeatNet, sb):
     return aasd, cross
 
 
+def unrolled_input(net: FeatNet, j: int, R, f0, fj_prev, emb_e, post, g, text_R, x0):
+    """Inputs of unroll step j >= 1 on rows R: text entries take the feature the drafter predicted
+    one step earlier (FLASH: head j of the j = 0 pass), other entries keep their j = 0 input."""
+    c = net.cfg
+    if c.flash > 1:
+        fin = _gather(f0[:, :, min(j, c.flash) - 1], (R - j).clamp_min(0))
+    elif j == 1:
+        fin = _gather(f0[:, :, 0], (R - 1).clamp_min(0))
+    else:
+        fin = torch.cat([_gather(f0[:, :, 0], (R[:, :1] - 1).clamp_min(0)), fj_prev[:, :-1]], 1)
+    xj = net.input_x(_gather(emb_e, R), fin)
+    if g is not None:
+        xj = torch.where(_gather(post, R)[..., None], net.fuse_global(xj, g.to(xj.dtype)), xj)
+    return torch.where(text_R[..., None], xj.to(x0.dtype), _gather(x0, R))
+
+
+def unrolled_mask(j: int, R, valid, eidx, qi):
+    """Attention of unroll step j's rows R: the j = 0 entries up to R - j, then the diagonal of each
+    later step (row i sees its own predecessors' keys)."""
+    B = R.shape[0]
+    parts = [(eidx[None, None, :] <= (R - j)[:, :, None]) & valid[:, None, :]]
+    for i in range(1, j + 1):
+        parts.append((qi[None, :] == (qi[:, None] - j + i))[None].expand(B, -1, -1))
+    return torch.cat(parts, -1)
+
+
 def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture: dict | None = None):
     """Loss and metrics of one drafter on one cached batch (EAGLE-3 training-time test).
 
@@ -170,23 +196,11 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             rows_idx = eidx[None].expand(B, -1)
         else:
             rows_idx = R
-            if c.flash > 1:
-                fin = _gather(f0[:, :, min(j, c.flash) - 1], (R - j).clamp_min(0))
-            elif j == 1:
-                fin = _gather(f0[:, :, 0], (R - 1).clamp_min(0))
-            else:
-                fin = torch.cat([_gather(f0[:, :, 0], (R[:, :1] - 1).clamp_min(0)), fj_prev[:, :-1]], 1)
-            xj = net.input_x(_gather(emb_e, R), fin)
-            if g is not None:
-                xj = torch.where(_gather(post, R)[..., None], net.fuse_global(xj, g.to(xj.dtype)), xj)
-            x = torch.where(text_R[..., None], xj.to(x0.dtype), _gather(x0, R))
+            x = unrolled_input(net, j, R, f0, fj_prev, emb_e, post, g, text_R, x0)
             rope_j, src_j = _gather(rope, R), src_R
             past = [(torch.cat([s[li][0] for s in kv_steps], 2), torch.cat([s[li][1] for s in kv_steps], 2))
                     for li in range(len(net.layers))]
-            parts = [(eidx[None, None, :] <= (R - j)[:, :, None]) & valid[:, None, :]]
-            for i in range(1, j + 1):
-                parts.append((qi[None, :] == (qi[:, None] - j + i))[None].expand(B, -1, -1))
-            mask = torch.cat(parts, -1)
+            mask = unrolled_mask(j, R, valid, eidx, qi)
         am = None
         if aasd is not None:
             am = (aasd[0], aasd[1], aasd[2].expand(-1, x.shape[1], -1))
