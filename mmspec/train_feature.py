@@ -696,6 +696,10 @@ def main(argv=None) -> dict:
     dev = target.device
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+        try:  # per-shape plan building of cuDNN attention does not pay off: generate changes shape every token
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        except AttributeError:
+            pass
     torch.manual_seed(args.seed)
     workers = args.workers if args.workers is not None else (0 if args.smoke or dev.type == "cpu" else min(14, (os.cpu_count() or 2) - 2))
     log(f"[feat] target {target.name} on {dev} ({target.dtype}); variants {variants}; {hardware(dev)}")
