@@ -676,7 +676,7 @@ def train_loop(nets, opts, pool: FeatureCache, held: FeatureCache, args, deadlin
         stopped = f"patience: every variant stopped improving by step {step}"
     track.restore()
     return {"steps": step, "stopped": stopped, "seconds": time.time() - t0, "track": track,
-            "hist": {v: [float(x) for x in h] for v, h in hist.items()}}
+            "hist": {v: torch.stack(h).float().tolist() if h else [] for v, h in hist.items()}}  # one sync each
 
 
 def main(argv=None) -> dict:
