@@ -322,13 +322,17 @@ class PlanTable:
         for i in range(cache.n):
             span = (int(cache.v0[i]), int(cache.nv[i])) if cache.nv[i] else None
             own_from = int(cache.P[i]) - 1 if cfg.aasd else 0
-            if cfg.compress == "topk" and span is not None:
-                sal = cache.saliency[i, : span[1]].tolist() if cache.saliency is not None else None
-                per.append(_entry_arrays(plan_entries(Nmax, span, cache.grids[i], cfg, sal, own_from)[0], self.m))
+            # The prefix rule holds once the whole image span is in (always, with text after the image).
+            N = Nmax if span is None or cache.len[i] - 1 >= sum(span) - 1 else int(cache.len[i]) - 1
+            if (cfg.compress == "topk" and span is not None) or N < Nmax:
+                topk = cfg.compress == "topk" and span is not None and cache.saliency is not None
+                sal = cache.saliency[i, : span[1]].tolist() if topk else None
+                per.append(_entry_arrays(plan_entries(N, span, cache.grids[i], cfg, sal, own_from)[0], self.m))
                 continue
             key = (span, cache.grids[i], own_from)
             if key not in shared:
                 shared[key] = _entry_arrays(plan_entries(Nmax, span, cache.grids[i], cfg, None, own_from)[0], self.m)
+                assert np.all(np.diff(shared[key]["src"]) > 0), "plan entries must follow source positions"
             per.append(shared[key])
         # Prefix of length n_ent: the entries whose source position exists (src < N = len - 1).
         self.n_ent = np.array([np.searchsorted(a["src"], n - 1) for a, n in zip(per, cache.len)], dtype=np.int64)
