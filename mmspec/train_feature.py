@@ -522,20 +522,24 @@ def chunked(loader, n: int):
 
 
 def sampled_chunk(k: int, frac: float) -> bool:
-    """Whether chunk k is answered by sampling: a share frac of the chunks, spread evenly."""
-    return int((k + 1) * frac) > int(k * frac)
+    """Whether the k-th chunk of a kind is answered by sampling: a share frac of the chunks, spread
+    evenly, the first one early (k = 1 at 25%) so that a kind with few chunks still gets one."""
+    return int((k + 1) * frac + 0.5) > int(k * frac + 0.5)
 
 
 def build_pool(target, need, seeds, args, workers, sampled_frac: float, desc: str):
     """A FeatureCache of the target's own answers to the prompts of `seeds` (greedy; a share
-    sampled_frac of the chunks sampled at T=1), or of the world's answers with --ground-truth."""
+    sampled_frac of the chunks of each kind sampled at T=1), or of the world's answers with --ground-truth."""
     t0 = time.time()
     cache, coll = FeatureCache(target, need), Collate(pad_id(target))
     gen_s, eos, n_eos, n_tok, n_sampled = 0.0, target.tokenizer.eos_token_id, 0, 0, 0
-    for k, items in enumerate(chunked(item_loader(target, seeds, 64, workers, args.max_answer), args.gen_batch)):
+    per_kind: dict[bool, int] = {True: 0, False: 0}  # chunks so far of descriptions / short answers
+    for items in chunked(item_loader(target, seeds, 64, workers, args.max_answer), args.gen_batch):
         if not args.ground_truth:
             t = time.time()
-            sample = sampled_chunk(k, sampled_frac)
+            long = items[0]["kind"] == "describe"
+            sample = sampled_chunk(per_kind[long], sampled_frac)
+            per_kind[long] += 1
             items = with_answers(items, target_answers(target, items, args.max_answer, sample=sample))
             n_sampled += len(items) if sample else 0
             gen_s += time.time() - t
