@@ -1,0 +1,65 @@
+"""Training EAGLE-3 format heads by self-distillation (mmspec.train_eagle3).
+
+The batched training pass equals the single-sequence one (which test_eagle3_head checks against
+drafting) on right-padded rows of different lengths and positions; the smoke training run on a tiny
+target lowers its loss and writes a head that loads as a lossless drafter and exports to the format.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPE
+from mmspec import DecodeConfig, generate, load_drafter, load_target
+from mmspec.eagle3_head import create_head, export_eagle3, unroll, unroll_batch
+from tiny_models import build_llava, build_qwen2_vl, image
+
+LAYERS = 4  # three distinct aux layers below L need L >= 4 (hidden_states[L] is the final-normed output)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-eagle3")
+    build_llava(root / "llava", seed=20, layers=LAYERS)
+    build_qwen2_vl(root / "qwen2vl", seed=21, layers=LAYERS)
+    return root
+
+
+def _noisy_head(tgt, seed):
+    """A format head with a reduced vocabulary and every weight perturbed (a fresh head's norms are all one)."""
+    V = tgt.model.config.text_config.vocab_size
+    d = create_head(tgt, aux=(1, 2, 3), draft_ids=list(range(0, V, 3)), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.head.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return d.head
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_batched_unroll_equals_single_sequence(tdir, family):
+    tgt = load_target(str(tdir / family), DEVICE, DTYPE)
+    head = _noisy_head(tgt, seed=3)
+    B, n, steps, V = 3, 11, 3, head.cfg.vocab
+    lens = [11, 6, 8]
+    g = torch.Generator().manual_seed(0)
+    aux = torch.randn(B, n, 3 * head.cfg.target_hidden, generator=g)
+    tokens = torch.randint(0, V, (B, n + steps), generator=g)
+    if head.cfg.mrope_section is None:  # each row its own offset: a batch-wide position would fail
+        pos = torch.arange(n)[None] + torch.tensor([0, 5, 17])[:, None]
+    else:  # independent t/h/w axes per row
+        pos = torch.randint(0, 40, (B, 3, n), generator=g)
+    with torch.no_grad():
+        batched = unroll_batch(head, aux, tokens, pos, steps)
+        for b, m in enumerate(lens):
+            single = unroll(head, aux[b, :m], tokens[b, : m + steps], pos[b, ..., :m], steps)
+            for j in range(steps):
+                torch.testing.assert_close(batched[j][b, :m], single[j], atol=1e-5, rtol=1e-4)
