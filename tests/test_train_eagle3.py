@@ -73,7 +73,7 @@ def test_smoke_training_gives_a_lossless_exportable_head(tdir, tmp_path):
 
     tpath = build_llava(tdir / "llava-peaky", seed=22, layers=LAYERS, peaky=6.0)
     out = tmp_path / "head"
-    info = main(["--target", str(tpath), "--out", str(out), "--smoke", "--aux", "1,2,3", "--draft-vocab", "300"])
+    info = main(["--target", str(tpath), "--out", str(out), "--smoke", "--device", DEVICE, "--aux", "1,2,3", "--draft-vocab", "300"])
     meta = json.loads((out / "mmspec_drafter.json").read_text())
     curve = meta["curve"]
     assert meta["trained"] is True and meta["steps"] == info["steps"] > 0 and meta["agreement"] == info["agreement"]
