@@ -313,7 +313,7 @@ class Trainer:
         self.best: tuple[float, int, dict] | None = None
         self.stopped = "planned steps"
         self.loss_sum, self.n_loss = torch.zeros((), device=target.device), 0  # on the device: no sync per step
-        reserve = 15 if dev.type == "cuda" else 3  # final evaluation, saving, the card
+        reserve = 40 if dev.type == "cuda" else 3  # final evaluation, saving, the engine check, the card
         self.deadline = t_run + 60 * args.time_budget_min - reserve if args.time_budget_min else None
 
     def evaluate(self) -> dict:
@@ -383,6 +383,9 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--patience", type=int, default=4, help="evaluations without a gain before stopping")
     ap.add_argument("--min-delta", type=float, default=0.002, help="smallest gain in mean agreement that counts")
+    ap.add_argument("--engine-eval", type=int, default=4, help="held-out prompts decoded by the engine at the end (0: skip)")
+    ap.add_argument("--engine-tree", default="dynamic:24,5,4")
+    ap.add_argument("--engine-max-new", type=int, default=96)
     ap.add_argument("--time-budget-min", type=float, default=None, help="whole run: answers, training, saving")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -392,6 +395,7 @@ def parse_args(argv=None):
         args.device = args.device or "cpu"
         args.prompts, args.eval_prompts, args.max_new, args.gen_batch = 48, 12, 24, 16
         args.steps, args.batch, args.eval_every, args.patience = min(args.steps, 40), 8, 10, 100
+        args.engine_eval, args.engine_max_new = min(args.engine_eval, 1), 24
         torch.set_num_threads(1)  # tiny tensors: threads only contend
     return args
 
@@ -440,8 +444,12 @@ def main(argv=None) -> dict:
             "eval_prompts": len(eval_pool.lens_np), "pool_seconds": round(pool_s, 1), "train_seconds": round(train_s, 1),
             "steps_per_s": round(steps / max(1e-6, train_s), 2), "hardware": hardware(target.device),
             "before": before, "agreement": final["agree"], "chain_accept": final["chain_accept"], "kl": final["kl"]}
-    out = save(Eagle3HeadDrafter(head, target, Path(args.out).name, {"trained": True}), args.out, info, trainer.curve,
-               t_run)
+    drafter = Eagle3HeadDrafter(head, target, Path(args.out).name, {"trained": True})
+    out = save(drafter, args.out, info, trainer.curve, t_run)
+    if args.engine_eval:
+        info["engine"] = engine_check(out, target, args)
+        log(f"[eagle3] engine on {args.engine_eval} held-out describe prompts: {info['engine']}")
+        save(drafter, out, info, trainer.curve, t_run)
     log(f"[eagle3] {steps} steps ({trainer.stopped}) in {train_s:.0f}s; best at step {best_step}: agree "
         f"{final['agree']} chain {final['chain_accept']}; saved {out} ({time.time() - t_run:.0f}s in all)")
     return info
@@ -453,6 +461,30 @@ def save(drafter: Eagle3HeadDrafter, out, info: dict, curve: list[dict], t_run: 
                                            "agreement": info["agreement"], "steps": info["steps"]})
     write_card(path, drafter, info, curve)
     return path
+
+
+def engine_check(path: Path, target, args) -> dict:
+    """The saved directory (bf16 weights, as --drafter loads it) through the engine on held-out describe
+    prompts: greedy output == vanilla, tau, speed-up."""
+    from mmspec import load_drafter
+    from mmspec.train_feature import engine_eval
+    from mmspec.world import held_out_seeds
+
+    seeds = held_out_seeds(args.engine_eval, HELD_OUT_OFFSET + 100_000)
+    try:
+        return engine_eval(load_drafter(str(path), target), target, seeds, args.engine_tree, args.engine_max_new, {})
+    except Exception as e:  # noqa: BLE001 - a failed check is reported in the card; the head is saved
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def engine_lines(e: dict | None) -> list[str]:
+    if not e:
+        return []
+    if "error" in e:
+        return [f"- Engine check failed: {e['error']}"]
+    return [f"- Engine, `{e['tree']}` on {e['prompts']} held-out describe prompts ({e['max_new_tokens']} new tokens, "
+            f"greedy): tau {e['tau']}, output identical to vanilla: {e['lossless_check']}, "
+            f"{e['speedup_vs_vanilla']}x vanilla's wall time."]
 
 
 def write_card(path: Path, drafter: Eagle3HeadDrafter, info: dict, curve: list[dict]) -> None:
@@ -499,6 +531,7 @@ def write_card(path: Path, drafter: Eagle3HeadDrafter, info: dict, curve: list[d
         f"- Before training: agreement {' / '.join(f'{100 * a:.1f}%' for a in b['agree'])}, KL {b['kl']}.",
         f"- Saved head: agreement {' / '.join(f'{100 * a:.1f}%' for a in info['agreement'])} (depth 1 / 2 / ...), "
         f"KL {info['kl']}, chain of {info['unroll']}: {info['chain_accept']} accepted drafts per step.",
+        *engine_lines(info.get("engine")),
         "",
         "| step | seconds | train loss | held-out KL | agreement by depth | chain accept |",
         "|---|---|---|---|---|---|",

@@ -79,6 +79,7 @@ def test_smoke_training_gives_a_lossless_exportable_head(tdir, tmp_path):
     assert meta["trained"] is True and meta["steps"] == info["steps"] > 0 and meta["agreement"] == info["agreement"]
     assert curve[-1]["train_loss"] < 0.5 * curve[0]["train_loss"]
     assert info["kl"] < info["before"]["kl"] and info["agreement"][0] > info["before"]["agree"][0] + 0.2
+    assert info["engine"]["lossless_check"] is True, info["engine"]  # the trainer's own check through the engine
     assert "## Measured quality" in (out / "README.md").read_text()
 
     tgt = load_target(str(tpath), DEVICE, DTYPE)
