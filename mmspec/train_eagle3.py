@@ -18,7 +18,6 @@ with `python -m mmspec export-eagle3`) plus a README.md card.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -34,15 +33,12 @@ import torch.nn.functional as F
 from mmspec.eagle3_head import Eagle3HeadDrafter, create_head, save_mmspec_head, unroll_batch
 from mmspec.errors import InputError
 from mmspec.feature_drafter import text_config
-from mmspec.train import POOL_SEED_BASE, autocast, hardware
+from mmspec.train import POOL_SEED_BASE, autocast, hardware, log
+from mmspec.train_feature import engine_eval, expected_accept
 
 SEED_BASE = POOL_SEED_BASE + 100_000_000  # training prompts (< 10**9), apart from train.py's pool seeds
 HELD_OUT_OFFSET = 700_000  # world.held_out_seeds offset: apart from train_feature's 500_000 / 600_000
 DEPTH_WEIGHT = 0.8  # EAGLE-3's loss weight of unroll depth j: DEPTH_WEIGHT ** j
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,15 +263,6 @@ def evaluate(head, target, layers, draft_ids, batches, steps, pad) -> dict:
             "chain_accept": round(expected_accept(acc), 3)}
 
 
-def expected_accept(accs: list[float]) -> float:
-    """Expected accepted drafts of a chain whose depth-d agreement is accs[d] (given the path so far)."""
-    tot, run = 0.0, 1.0
-    for a in accs:
-        run *= a
-        tot += run
-    return tot
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 
@@ -467,7 +454,6 @@ def engine_check(path: Path, target, args) -> dict:
     """The saved directory (bf16 weights, as --drafter loads it) through the engine on held-out describe
     prompts: greedy output == vanilla, tau, speed-up."""
     from mmspec import load_drafter
-    from mmspec.train_feature import engine_eval
     from mmspec.world import held_out_seeds
 
     seeds = held_out_seeds(args.engine_eval, HELD_OUT_OFFSET + 100_000)

@@ -12,25 +12,8 @@ import torch
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, generate, load_drafter, load_target
 from mmspec.eagle3_head import create_head, export_eagle3, unroll, unroll_batch
-from tiny_models import build_llava, build_qwen2_vl, image
-
-LAYERS = 4  # three distinct aux layers below L need L >= 4 (hidden_states[L] is the final-normed output)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-eagle3")
-    build_llava(root / "llava", seed=20, layers=LAYERS)
-    build_qwen2_vl(root / "qwen2vl", seed=21, layers=LAYERS)
-    return root
+from test_eagle3_head import LAYERS, _one_thread, target, tdir  # noqa: F401 - fixtures: one thread, tiny 4-layer targets
+from tiny_models import build_llava, image
 
 
 def _noisy_head(tgt, seed):
@@ -46,8 +29,7 @@ def _noisy_head(tgt, seed):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_batched_unroll_equals_single_sequence(tdir, family):
-    tgt = load_target(str(tdir / family), DEVICE, DTYPE)
-    head = _noisy_head(tgt, seed=3)
+    head = _noisy_head(target(tdir, family), seed=3)
     B, n, steps, V = 3, 11, 3, head.cfg.vocab
     lens = [11, 6, 8]
     g = torch.Generator().manual_seed(0)
@@ -103,7 +85,7 @@ def test_aux_layers_default_and_refusal(tdir):
     from mmspec import InputError
     from mmspec.train_eagle3 import aux_layers
 
-    tgt = load_target(str(tdir / "llava"), DEVICE, DTYPE)
+    tgt = target(tdir, "llava")
     assert aux_layers(tgt, "3,1,2") == (1, 2, 3)
     with pytest.raises(InputError, match="--aux"):  # the default (2, L//2, L-3) = (2, 2, 1) repeats a layer at L = 4
         aux_layers(tgt, None)
