@@ -329,14 +329,17 @@ class Eagle3Head(nn.Module):
         return self.fc(aux.to(self.fc.weight.dtype))
 
     def rope(self, positions: torch.Tensor):
-        """positions [T] (1-D) or [3, T] (M-RoPE) -> cos, sin [1, 1, T, d]."""
+        """positions [T] (1-D) or [3, T] (M-RoPE), or either with a leading batch dim ([B, T], [B, 3, T])
+        -> cos, sin [B or 1, 1, T, d]."""
         c = self.cfg
+        T = positions.shape[-1]
         if c.mrope_section is None:
-            return rope_cos_sin(positions.view(1, -1), c.head_dim, c.rope_theta)
+            return rope_cos_sin(positions.reshape(-1, T), c.head_dim, c.rope_theta)
         half = torch.arange(0, c.head_dim, 2, device=positions.device, dtype=torch.float32)
         inv = 1.0 / (c.rope_theta ** (half / c.head_dim))
-        f = positions.float()[mrope_axes(c.mrope_section, c.mrope_interleaved).to(positions.device)].T * inv  # [T, d/2]
-        emb = torch.cat((f, f), -1)[None, None]
+        axes = mrope_axes(c.mrope_section, c.mrope_interleaved).to(positions.device)
+        f = positions.reshape(-1, 3, T).float()[:, axes].transpose(1, 2) * inv  # [B, T, d/2]
+        emb = torch.cat((f, f), -1)[:, None]
         return emb.cos(), emb.sin()
 
     def step(self, hidden_in, token_emb, rope, mask, past=None):
@@ -378,19 +381,30 @@ def unroll(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, positions:
     Depth j + 1 at entry p feeds token p + 1 + j with the pre-norm state of depth j at p, at position
     p + j, attending to entries 0..p and to its own chain (the diagonal of every earlier depth) - the
     very inputs and mask a tree node has at inference. Returns [steps] of logits [n, Vd]."""
-    n = aux.shape[0]
+    return [x[0] for x in unroll_batch(head, aux[None], tokens[None], positions[None], steps)]
+
+
+def unroll_batch(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int):
+    """`unroll` over a batch of right-padded sequences: aux [B, n, 3*Ht], tokens [B, n + steps],
+    positions [B, n] or [B, 3, n]. Returns [steps] of logits [B, n, Vd]; row b, entry p equals the
+    single-sequence pass over sequence b for every p below its length.
+
+    Right padding needs no key-padding mask: an entry attends to entries at or before it (and its own
+    chain), so a real entry never sees a pad; pad rows compute garbage that the loss masks out."""
+    B, n = aux.shape[:2]
     dev = head.fc.weight.device
     hidden = head.first_hidden(aux.to(dev))
-    eye = torch.eye(n, dtype=torch.bool, device=dev)
-    mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=dev).expand(B, n, n)
+    mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(B, n, n)
+    positions = positions.to(dev)
     past, out = None, []
     for j in range(steps):
-        emb = head.embed(tokens[1 + j : 1 + j + n])
-        x, logits, (k, v) = head.step(hidden[None], emb[None], head.rope(positions.to(dev) + j), mask[None], past)
-        out.append(logits[0])
+        emb = head.embed(tokens[:, 1 + j : 1 + j + n])
+        x, logits, (k, v) = head.step(hidden, emb, head.rope(positions + j), mask, past)
+        out.append(logits)
         past = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        mask = torch.cat([mask, eye], 1)  # the next depth sees this one on the diagonal only
-        hidden = x[0]
+        mask = torch.cat([mask, eye], 2)  # the next depth sees this one on the diagonal only
+        hidden = x
     return out
 
 
