@@ -37,8 +37,13 @@ def default_method(path: Path = DEFAULT_FILE) -> DefaultMethod:
         return DefaultMethod(*FALLBACK)
     if name in BUILTIN:
         return DefaultMethod(name, tree, raw.get("measured") or {})
-    where = MODELS / Path(name).name  # only a shipped drafter: never a path taken from the file
-    return DefaultMethod(str(where), tree, raw.get("measured") or {}) if where.is_dir() else DefaultMethod(*FALLBACK)
+    # Only a shipped drafter, never a path taken from the file; bench/speed.py names drafters without
+    # the "mmspec-" prefix of their directory.
+    base = Path(name).name
+    for where in (MODELS / base, MODELS / f"mmspec-{base}"):
+        if where.is_dir():
+            return DefaultMethod(str(where), tree, raw.get("measured") or {})
+    return DefaultMethod(*FALLBACK)
 
 
 def pick_fastest(rows: list[dict], meta: dict) -> dict | None:

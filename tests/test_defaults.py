@@ -27,6 +27,8 @@ def test_default_method_reads_only_shipped_drafters(tmp_path):
     shipped = sorted(p.name for p in MODELS.iterdir() if p.is_dir())[0]
     f.write_text(json.dumps({"drafter": shipped, "tree": "dynamic:24,5,4"}))
     assert default_method(f).drafter == str(MODELS / shipped) and default_method(f).tree == "dynamic:24,5,4"
+    f.write_text(json.dumps({"drafter": shipped.removeprefix("mmspec-"), "tree": "chain:8"}))  # bench's short name
+    assert default_method(f).drafter == str(MODELS / shipped)
     f.write_text(json.dumps({"drafter": "/etc/../etc/passwd", "tree": "chain:2"}))  # never a path from the file
     assert (default_method(f).drafter, default_method(f).tree) == FALLBACK
     f.write_text(json.dumps({"drafter": "ngram", "tree": "chain:6"}))
