@@ -1,0 +1,192 @@
+"""Issue 17's Gradio-free parts on synthetic traces: the measurement protocol, the race of several
+runs, the tree layout, benchmark labels, drafter cards and the out-of-world check.
+
+Traces are built by hand so that every fate, EOS position and timing is known; no test compares two
+measured timings (fake decodes return the timings they are told to)."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from mmspec.trace import DraftTree, Generation, StepRecord, compute_stats
+from webui import measure
+from viz import race
+
+EOS = 2
+
+
+def step(index, new, texts=None, kind="draft", accepted=(), tree_n=0, next_kind="target", t=0.0):
+    """A StepRecord committing `new`; a chain tree of `tree_n` nodes whose first `accepted` are taken."""
+    tree = DraftTree(list(range(100, 100 + tree_n)), list(range(-1, tree_n - 1)), list(range(1, tree_n + 1)),
+                     [0.5] * tree_n)
+    return StepRecord(index, kind, tree, [f"d{i}" for i in range(tree_n)], [7] * tree_n, ["x"] * tree_n,
+                      [0.4] * tree_n, list(accepted), new[-1] if new else 0, next_kind, "", list(new),
+                      list(texts or [f"w{x}" for x in new]), 0.1, 0.2, 0.4, t)
+
+
+def gen_of(steps, wall, mode="speculative", max_new=64, temperature=0.0, device="cpu", dtype="float32"):
+    ids = [x for s in steps for x in s.new_tokens]
+    cfg = {"max_new_tokens": max_new, "temperature": temperature, "device": device, "dtype": dtype,
+           "drafter": "x", "tree": "chain:3"}
+    return Generation(mode, cfg, "p", 5, ids, "", steps, compute_stats(steps, wall))
+
+
+def spec_run(wall=1.0, eos=True):
+    """prefill; 2 accepted + bonus; 1 accepted + correction; 0 accepted + correction (EOS if asked)."""
+    steps = [
+        step(0, [10], kind="prefill", t=0.1 * wall),
+        step(1, [11, 12, 13], accepted=[0, 1], tree_n=2, next_kind="bonus", t=0.4 * wall),
+        step(2, [14, 15], accepted=[0], tree_n=3, next_kind="correction", t=0.7 * wall),
+        step(3, [EOS if eos else 16], texts=["</s>" if eos else "w16"], tree_n=2, next_kind="correction", t=wall),
+    ]
+    return gen_of(steps, wall, max_new=64 if eos else 7)
+
+
+def vanilla_run(n=7, wall=2.0, eos=True):
+    toks = list(range(10, 10 + n - 1)) + [EOS if eos else 99]
+    steps = [step(i, [x], texts=["</s>" if (eos and x == EOS) else f"w{x}"], kind="prefill" if i == 0 else "vanilla",
+                  t=wall * (i + 1) / n) for i, x in enumerate(toks)]
+    return gen_of(steps, wall, mode="vanilla", max_new=64 if eos else n)
+
+
+# ------------------------------------------------------------------ measurement protocol
+
+def fake_decode(make, walls):
+    """A decode function whose k-th call returns make(wall) with the k-th wall time (k=0: warm-up)."""
+    it = iter(walls)
+    return lambda: make(next(it))
+
+
+def test_warmup_is_discarded_and_spread_is_reported():
+    m = measure.measure("spec", fake_decode(spec_run, [50.0, 1.0, 2.0, 4.0]), repeats=3)
+    assert len(m.runs) == 3 and [g.stats.wall_s for g in m.runs] == [1.0, 2.0, 4.0]  # the 50 s warm-up is gone
+    assert m.wall_s.median == 2.0 and (m.wall_s.lo, m.wall_s.hi) == (1.0, 4.0)
+    assert m.tokens_per_s.median == pytest.approx(7 / 2.0)
+    assert m.tau == pytest.approx(6 / 3) and m.accepted_per_step == pytest.approx(1.0)
+    assert (m.device, m.dtype) == ("cpu", "float32") and m.repeatable is True
+    assert m.representative.stats.wall_s == 2.0
+    with pytest.raises(ValueError):
+        measure.measure("spec", fake_decode(spec_run, [1.0] * 3), repeats=2)
+
+
+def test_within_noise_and_clear_verdicts():
+    van = measure.summarise("vanilla", [vanilla_run(wall=w) for w in (2.0, 2.2, 2.6)])  # 2.69-3.5 tok/s
+    # median 3.5 tok/s vs vanilla's 3.18: a 1.1x "speed-up" whose runs overlap vanilla's
+    noisy = measure.compare(measure.summarise("ngram", [spec_run(wall=w) for w in (1.8, 2.0, 2.4)]), van)
+    assert noisy.verdict == "within noise" and noisy.speedup > 1 and noisy.speedup_lo < 1 < noisy.speedup_hi
+    clear = measure.compare(measure.summarise("vlm", [spec_run(wall=w) for w in (0.9, 1.0, 1.1)]), van)
+    assert clear.verdict == "faster" and clear.speedup_lo > 1
+    slow = measure.compare(measure.summarise("vlm", [spec_run(wall=w) for w in (4.0, 5.0, 6.0)]), van)
+    assert slow.verdict == "slower" and slow.speedup_hi < 1
+    assert "within noise" in noisy.text() and "cpu, float32" in noisy.text()
+
+
+def random_drafter_run(wall):
+    """tau 1.00: every draft rejected, one correction per forward; stopped by its 7-token limit."""
+    steps = [step(0, [10], kind="prefill", t=wall / 7)]
+    steps += [step(i, [10 + i], tree_n=3, next_kind="correction", t=wall * (i + 1) / 7) for i in range(1, 7)]
+    return gen_of(steps, wall, max_new=7)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_drafter_never_faster_beyond_its_spread(seed):
+    """Timings drawn from one distribution for both (a busy CPU): whatever the medians say, the
+    random drafter is not called faster, and its lower bound never clears 1."""
+    rng = random.Random(seed)
+    draw = lambda: [rng.uniform(1.0, 3.0) for _ in range(4)]  # noqa: E731
+    van = measure.summarise("vanilla", [vanilla_run(wall=w) for w in draw()[1:]])
+    rnd = measure.summarise("random", [random_drafter_run(w) for w in draw()[1:]])
+    assert rnd.tau == pytest.approx(1.0) and rnd.accepted_per_step == pytest.approx(0.0)
+    c = measure.compare(rnd, van)
+    if rnd.tokens_per_s.overlaps(van.tokens_per_s):
+        assert c.verdict == "within noise" and c.speedup_lo <= 1.0
+    else:
+        assert c.verdict in ("faster", "slower")
+
+
+def test_greedy_repeats_must_agree_and_rows_carry_device():
+    other = spec_run(wall=1.0)
+    other.token_ids = other.token_ids[:-1] + [17]
+    m = measure.summarise("spec", [spec_run(1.0), spec_run(1.1), other])
+    assert m.repeatable is False
+    row = measure.table_row(m, measure.compare(m, m))
+    assert row["same tokens every run"] == "NO" and row["device"] == "cpu, float32"
+    assert "n=3" in row["tokens/s median (min–max)"] and row["τ (tokens / forward)"] == "2.00"
+    sampled = measure.summarise("spec", [gen_of(spec_run().steps, 1.0, temperature=1.0)] * 3)
+    assert sampled.repeatable is None
+    gpu = measure.summarise("v", [vanilla_run(wall=1.0)] * 3)
+    gpu.device = "cuda"
+    assert not measure.compare(m, gpu).same_device
+    assert "τ − 1" in measure.TAU_DOC and "overlap" in measure.VERDICT_DOC
+
+
+def test_quantile_matches_linear_interpolation():
+    assert measure.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert measure.quantile([5.0], 0.9) == 5.0
+    assert measure.quantile([0, 10], 0.1) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ race of several runs
+
+def test_race_fates_and_end_marker():
+    toks = race.race_tokens(spec_run())
+    assert [t.fate for t in toks] == ["target", "accepted", "accepted", "bonus", "accepted", "correction", "end"]
+    # cut at the token limit: the last token is content, no end marker
+    assert race.race_tokens(spec_run(eos=False))[-1].fate == "correction"
+    assert race.race_tokens(vanilla_run())[-1].fate == "end"
+    assert {t.fate for t in race.race_tokens(vanilla_run())[:-1]} == {"target"}
+
+
+def test_tokens_after_eos_never_drawn():
+    """An uploaded trace may carry EOS accepted mid-path and tokens after it."""
+    g = spec_run(eos=False)
+    g.steps[1].new_tokens = [11, EOS, 13]
+    g.steps[1].new_texts = ["w11", "</s>", "w13"]
+    toks = race.race_tokens(g, eos_ids={EOS})
+    assert [t.fate for t in toks] == ["target", "accepted", "end"]
+
+
+def test_race_frames_fill_progressively_on_a_slowed_clock():
+    runs = [("vanilla", vanilla_run(wall=0.5)), ("draft VLM", spec_run(wall=0.2)),
+            ("n-gram", spec_run(wall=0.3, eos=False)), ("random", random_drafter_run(0.4))]
+    r = race.race(runs, fps=10, min_s=8, max_s=20)
+    assert r.duration_s == pytest.approx(8.0) and r.stretch == pytest.approx(16.0)
+    assert r.frames[0].clock_s == 0 and r.frames[-1].real_s == pytest.approx(0.5)
+    for a, b in itertools.pairwise(r.frames):
+        assert b.clock_s > a.clock_s and b.real_s >= a.real_s
+        assert all(len(pb.tokens) >= len(pa.tokens) for pa, pb in zip(a.panes, b.panes))
+    last = r.frames[-1]
+    assert all(p.finished for p in last.panes)
+    assert [len(p.tokens) for p in last.panes] == [len(race.race_tokens(g)) for _, g in runs]
+    assert [p.ended for p in last.panes] == [True, True, False, False]
+    mid = r.frames[len(r.frames) // 2]  # real 0.25 s: the 0.2 s run done, the others not
+    assert [p.finished for p in mid.panes] == [False, True, False, False]
+    assert mid.panes[1].real_s == pytest.approx(0.2)  # a finished pane's clock stops at its own end
+    assert "measured 0.250 s" in race.clock_text(mid, r.stretch) and "16.0× slower" in race.clock_text(mid, r.stretch)
+    assert set(race.acceptance_overlay(r)) == {"draft VLM", "n-gram", "random"}
+    faster = race.race(runs, fps=10, speed=2.0)
+    assert faster.duration_s == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        race.race(runs + [("fifth", spec_run())])
+    assert race.stretch_for(60.0) == pytest.approx(20 / 60)  # long runs are sped up to fit 20 s
+
+
+def test_race_pane_html_escapes_once_and_marks_the_end():
+    g = spec_run()
+    g.steps[1].new_texts[0] = "<b>&"
+    pf = race.race([("a<i>", g)]).frames[-1].panes[0]
+    out = race.pane_html(pf)
+    assert "&lt;b&gt;&amp;" in out and "&amp;lt;" not in out and "<b>" not in out
+    assert "a&lt;i&gt;" in out and "</s>" not in out and "&lt;/s&gt;" not in out
+    assert out.count("tok-end") == 1 and out.index("tok-end") > out.rindex("tok-correction")
+
+
+def test_acceptance_overlay_figure_skips_unreached_depths():
+    from viz.charts import acceptance_overlay_figure
+
+    fig = acceptance_overlay_figure({"a": ([1.0, 0.5, 0.0], [4, 2, 0]), "b<": ([0.0], [6])})
+    assert [list(t.x) for t in fig.data] == [[1, 2], [1]]
+    assert fig.data[1].name == "b&lt;"
+    assert acceptance_overlay_figure({}).data == ()
