@@ -1,6 +1,7 @@
 """Run-level charts: acceptance by draft depth, accepted-length histogram, and the session summary."""
 from __future__ import annotations
 
+import html
 from collections import Counter
 from typing import Any
 
@@ -104,3 +105,27 @@ def summary_figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig.update_yaxes(title="speed-up over vanilla (tokens/s)", range=[0, max(1.2, top * 1.25)])
     fig.update_xaxes(showgrid=False)
     return style_figure(fig, title="Runs in this session", height=320)
+
+
+OVERLAY_COLOURS = (GREEN, BLUE, "#D55E00", "#CC79A7")  # Okabe-Ito, one per drafter pane
+
+
+def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]]) -> go.Figure:
+    """Acceptance by draft depth of several drafters on one prompt, one line each (from
+    `viz.race.acceptance_overlay`); a depth reached by no step is left out rather than drawn as 0."""
+    if not overlay:
+        return empty_figure("Acceptance by depth needs at least one speculative run in the race.")
+    fig = go.Figure()
+    for (label, (rates, reached)), colour in zip(overlay.items(), OVERLAY_COLOURS):
+        keep = [d for d in range(len(rates)) if d < len(reached) and reached[d] > 0]
+        fig.add_trace(go.Scatter(
+            x=[d + 1 for d in keep], y=[rates[d] for d in keep], customdata=[reached[d] for d in keep],
+            mode="lines+markers", name=html.escape(label), line=dict(color=colour, width=2.5),
+            hovertemplate=f"{html.escape(label)}<br>depth %{{x}}: %{{y:.0%}} of %{{customdata}} steps<extra></extra>",
+        ))
+    fig.update_xaxes(title="draft depth", tickmode="linear", dtick=1)
+    fig.update_yaxes(title="acceptance rate", range=[0, 1.05], tickformat=".0%")
+    style_figure(fig, title="Acceptance by draft depth, drafters on this prompt", height=320)
+    # The legend sits inside the plot area, under the title, so it never collides with it.
+    fig.update_layout(legend=dict(x=0.99, y=0.98, xanchor="right", yanchor="top", bgcolor="rgba(128,128,128,0.08)"))
+    return fig
