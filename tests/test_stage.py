@@ -190,3 +190,143 @@ def test_acceptance_overlay_figure_skips_unreached_depths():
     assert [list(t.x) for t in fig.data] == [[1, 2], [1]]
     assert fig.data[1].name == "b&lt;"
     assert acceptance_overlay_figure({}).data == ()
+
+
+# ------------------------------------------------------------------ tree layout
+
+def random_tree_step(rng, n):
+    """A verified step over a random tree of n nodes: a random accepted path, then a correction."""
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+    depths = []
+    for p in parents:
+        depths.append(1 if p == -1 else depths[p] + 1)
+    path, node = [], -1
+    while True:
+        kids = [i for i, p in enumerate(parents) if p == node]
+        if not kids or rng.random() < 0.3:
+            break
+        node = rng.choice(kids)
+        path.append(node)
+    texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz <&") for _ in range(rng.randint(0, 20)))
+             for _ in range(n)]
+    leaf = node not in parents
+    tree = DraftTree([rng.randrange(300) for _ in range(n)], parents, depths, [rng.random() for _ in range(n)])
+    new = [tree.tokens[i] for i in path] + [5]
+    return StepRecord(1, "draft", tree, texts, [rng.randrange(300) for _ in range(n)], ["t"] * n,
+                      [rng.random() for _ in range(n)], path, 5, "bonus" if path and leaf else "correction", "w",
+                      new, [texts[i] for i in path] + ["w"], 0.1, 0.1, 0.1, 0.5)
+
+
+def _boxes(fig):
+    return {s.name: (s.x0, s.x1, s.y0, s.y1) for s in fig.layout.shapes if s.type == "rect"}
+
+
+def _cuts(seg, box, eps=0.5):
+    """Whether segment ((x0, y0), (x1, y1)) passes through the inside of box (shrunk by eps)."""
+    (ax, ay), (bx, by) = seg
+    x0, x1, y0, y1 = box[0] + eps, box[1] - eps, box[2] + eps, box[3] - eps
+    lo, hi = 0.0, 1.0
+    for p, q in ((-(bx - ax), ax - x0), (bx - ax, x1 - ax), (-(by - ay), ay - y0), (by - ay, y1 - ay)):
+        if p == 0:
+            if q < 0:
+                return False
+            continue
+        t = q / p
+        if p < 0:
+            lo = max(lo, t)
+        else:
+            hi = min(hi, t)
+    return lo < hi
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tree_boxes_never_overlap_and_edges_avoid_labels(seed):
+    from viz import tree_fig
+
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, rng.randint(3, 64), 64])
+    st = random_tree_step(rng, n)
+    prev = step(0, [9], texts=["<b>"], kind="prefill")
+    g = gen_of([prev, st], 1.0)
+    fig = tree_fig.tree_figure(g, 1)
+    boxes = _boxes(fig)
+    assert len(boxes) == n + 2  # root, nodes, the target's token
+    for (na, a), (nb, b) in itertools.combinations(boxes.items(), 2):
+        assert not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]), (na, nb)
+    segs = []
+    for t in fig.data:
+        if t.name.startswith("edges"):
+            xs, ys = list(t.x), list(t.y)
+            segs += [((xs[k], ys[k]), (xs[k + 1], ys[k + 1])) for k in range(0, len(xs), 3)]
+    assert len(segs) == n + 1
+    for seg in segs:
+        assert not any(_cuts(seg, b) for b in boxes.values())
+    root = fig.layout.annotations[0].text
+    assert root.startswith("root") and "&lt;b&gt;" in root  # the last committed token, escaped once
+    assert all("&amp;amp;" not in a.text and "&amp;lt;" not in a.text for a in fig.layout.annotations)
+    x0, x1 = fig.layout.xaxis.range
+    assert fig.layout.width >= x1 - x0  # pixels in the axes are at least pixels on the page
+
+
+def test_tree_legend_names_every_status_and_first_root_is_the_prompt():
+    from viz import tree_fig
+
+    g = spec_run()
+    fig = tree_fig.tree_figure(g, 0)
+    legend = {t.name for t in fig.data if t.showlegend}
+    assert tree_fig.STATUS_LABEL["unreached"] in legend and len(legend) == 6
+    assert "the prompt" in fig.layout.annotations[0].text
+
+
+def test_tree_title_when_the_text_ends_inside_the_accepted_path():
+    from viz import tree_fig
+
+    g = spec_run(eos=False)
+    g.steps[1].new_tokens, g.steps[1].new_texts = [11, EOS], ["w11", "</s>"]  # 2 accepted, cut at EOS
+    title = tree_fig.tree_figure(g, 1).layout.title.text
+    assert "bonus" not in title and "2 committed" in title
+
+
+# ------------------------------------------------------------------ benchmarks tab
+
+def test_method_labels_in_words():
+    from viz.bench import method_label
+
+    assert method_label("engine:draft-vlm:chain:8") == "draft VLM, chain of 8"
+    assert method_label("engine:vanilla") == "vanilla (one token per forward)"
+    assert method_label("engine:ngram:dynamic:24,5,4") == "n-gram, dynamic tree of 24 (depth 5, top-4)"
+    assert method_label("engine:feat-eagle3:chain:4:eager") == "feature drafter EAGLE-3, chain of 4, without CUDA graphs"
+    assert method_label("hf:assisted:draft-vlm") == "transformers assisted generation, draft VLM"
+    assert method_label("hf:generate:static") == "transformers generate, static cache"
+    assert method_label("engine:/srv/x/mmspec-draft-text:chain:4") == "text-only draft LM, chain of 4"
+    assert ":" not in method_label("engine:feat-new:chain:4").split(", ")[0]
+
+
+def test_benchmark_figures_name_hardware_and_one_question_each():
+    import json
+    from pathlib import Path
+
+    from viz import bench
+
+    d = json.loads((Path(bench.RESULTS) / "speed_h100.json").read_text())
+    sp, tau = bench.speedup_figure(d["meta"], d["rows"]), bench.tau_figure(d["meta"], d["rows"])
+    for fig in (sp, tau):
+        assert "H100" in fig.layout.title.text and len(fig.data) == 1
+        assert not any("engine:" in str(y) for y in fig.data[0].y)  # human labels only
+        assert fig.layout.margin.t >= 60 and fig.layout.title.y >= 0.9  # the title has a band of its own
+    assert "Speed-up" in sp.layout.title.text and "τ" in tau.layout.title.text
+    assert not any(m.startswith("hf:") for m in tau.data[0].customdata)
+    t0 = [r for r in d["rows"] if r["temperature"] == 0 and not r.get("error")]
+    assert list(sp.data[0].customdata) == [r["method"] for r in t0]
+    assert all(lo >= 0 and hi >= 0 for lo, hi in zip(sp.data[0].error_x.arrayminus, sp.data[0].error_x.array))
+
+
+def test_applies_here_says_which_device():
+    from viz.bench import applies_here, hardware_name
+
+    h200 = {"hardware": "NVIDIA H200", "device": "cuda"}
+    assert hardware_name(h200) == "an H200" and hardware_name({"hardware": "CPU x86_64", "device": "cpu"}) == "the CPU"
+    msg = applies_here(h200, "cpu")
+    assert msg.startswith("measured on an H200") and "runs on the CPU" in msg and "do not apply" in msg
+    assert "comparable" in applies_here(h200, "cuda:0", "NVIDIA H200")
+    assert "comparable" in applies_here({"hardware": "CPU x86_64", "device": "cpu"}, "cpu")
