@@ -330,3 +330,115 @@ def test_applies_here_says_which_device():
     assert msg.startswith("measured on an H200") and "runs on the CPU" in msg and "do not apply" in msg
     assert "comparable" in applies_here(h200, "cuda:0", "NVIDIA H200")
     assert "comparable" in applies_here({"hardware": "CPU x86_64", "device": "cpu"}, "cpu")
+
+
+# ------------------------------------------------------------------ drafter cards, acceptance, the world
+
+def dream_info(name="/srv/models/mmspec-feat-dream"):
+    """What FeatureDrafter.info() returns for the shipped DREAM drafter (from its saved metadata)."""
+    import json
+
+    from mmspec.load import ASSETS
+
+    meta = json.loads((ASSETS / "models" / "mmspec-feat-dream" / "mmspec_drafter.json").read_text())
+    return {"name": name, "kind": "feature", "variant": "dream", "options": {"variant": "dream", "dream": True},
+            "entropy_profile": meta["entropy_profile"], "chosen_layers": meta["chosen_layers"],
+            "dream_uses_chosen_layers": True, "supervised_layer": meta["supervised_layer"],
+            "target_layers": [15], "trained": True, "quality": meta["quality"], "params": meta["params"],
+            "size_mb_fp16": meta["size_mb_fp16"]}
+
+
+def _text(html_out):
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        chunks: list = []
+
+        def handle_data(self, d):
+            self.chunks.append(d)
+
+    p = P()
+    p.chunks = []
+    p.feed(html_out)
+    return " ".join(p.chunks)
+
+
+def test_feature_drafter_card_is_prose_and_tables():
+    from viz import card
+
+    info = dream_info()
+    out = card.card_html(info)
+    text = _text(out)
+    assert "/srv" not in out and "mmspec-feat-dream" in text  # the last path component only
+    assert not any(c in text for c in "{}[]")  # no raw JSON
+    assert "Variant dream (DREAM" in text and "layers it reads: 3, 6, 15" in text and card.LAYER_RULE in text
+    skipped = next(s for s in card.layer_sentences(info) if "lower entropy" in s)
+    assert "9" in skipped and "11" in skipped and "first 7 of 16" in skipped  # why L9/L11 are not chosen
+    assert "1,054,593" in text and "0.8526 (untrained: 0.0013)" in text
+    assert out.count("<table") == 3
+
+
+def test_cards_of_other_drafters_and_escaping_once():
+    from viz import card
+
+    for info, want in (({"name": "ngram", "kind": "ngram", "max_n": 3, "min_n": 1}, "1 to 3 tokens"),
+                       ({"name": "/a/b/mmspec-draft-text", "kind": "model", "sees_image": False}, "never sees the image"),
+                       ({"name": "random", "kind": "random"}, "τ = 1.00"),
+                       ({"name": "/x/head", "kind": "eagle3", "target_layers": [1, 7, 13], "aux_layers_from": "config",
+                         "engines_would_read": {"vLLM": [2, 8, 14]}, "params": 10}, "vLLM would read layers")):
+        out = card.card_html(info)
+        assert want in _text(out) and "/a/" not in out and "/x/" not in out
+    evil = card.card_html({"name": "<x>&", "kind": "<k>", "odd_key": "<v>"})
+    assert "&lt;x&gt;&amp;" in evil and "&lt;v&gt;" in evil and "<x>" not in evil and "&amp;lt;" not in evil
+    assert "Vanilla" in card.card_html({})
+    assert card.plain({"a": [1, 2.123456], "b": None, "c": True}) == "a 1, 2.123; b –; c yes"
+
+
+def test_acceptance_summary_for_any_drafter():
+    from viz import card
+
+    g = spec_run()
+    g.steps[1].new_texts = ["red", "w", " circle"]  # accepted, accepted, bonus
+    g.steps[2].new_texts = ["Top", "x"]  # accepted, correction
+    s = card.acceptance_summary(g, window=4)
+    # visual: red, circle, Top; other: w, x (the prefill token and the end-of-text token do not count)
+    assert s["visual"][:2] == (2, 3) and s["other"][:2] == (1, 2)
+    assert [(a, n) for _, a, n, _ in s["by_position"]] == [(2, 4), (1, 2)]  # prefill token counts as position 1
+    assert s["by_depth"] == list(zip(g.stats.acceptance_by_depth, g.stats.drafted_by_depth))
+    out = card.acceptance_html(g, window=4)
+    assert "67% accepted drafts (2 of 3)" in out and "tokens 1–4" in out
+    assert "needs a speculative run" in card.acceptance_html(vanilla_run())
+
+
+def test_world_scope_in_and_out():
+    from mmspec.world import QA_KINDS, make_qa, sample_scene
+    from viz import card
+
+    rng = random.Random(0)
+    for _ in range(40):  # every question the world asks, re-sampled: the template vocabulary is covered
+        scene = sample_scene(rng)
+        for kind in QA_KINDS:
+            prompt = make_qa(scene, rng, kind).prompt
+            assert card.world_scope(prompt).inside, prompt
+    for prompt in ("What is the capital of France?", "Write a poem about the sea.", "Is this a cat?",
+                   "What colour is the house?", "", "What is it?"):
+        scope = card.world_scope(prompt)
+        assert not scope.inside and "\n" not in scope.reason, prompt
+    assert "capital, france" in card.world_scope("What is the capital of France?").reason
+    assert card.world_scope("Where is the big red star?").inside
+
+
+def test_world_scope_pictures():
+    from PIL import Image
+
+    from mmspec.world import sample_example
+    from viz import card
+
+    scene = sample_example(5)[0]
+    assert card.world_scope("Describe the image.", card.image_stats_of(scene)).inside
+    rng = random.Random(1)
+    photo = Image.new("RGB", (320, 240))
+    photo.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(320 * 240)])
+    out = card.world_scope("Describe the image.", card.image_stats_of(photo))
+    assert not out.inside and "distinct colours" in out.reason
+    assert not card.world_scope("Describe the image.", {"size": (1000, 200)}).inside

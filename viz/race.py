@@ -128,7 +128,7 @@ class Race:
     duration_s: float  # replay length on the slowed clock
 
 
-def _ends_with_eos(gen: Generation, eos_ids: set[int] | None) -> bool:
+def ends_with_eos(gen: Generation, eos_ids: set[int] | None) -> bool:
     """Whether the run's last token is end-of-text. The engine stops only at EOS or max_new_tokens,
     so a run shorter than its limit ended on EOS; at the limit, the token's id or text decides."""
     if not gen.token_ids:
@@ -150,7 +150,7 @@ def _fate(step, i: int) -> str:
 
 def race_tokens(gen: Generation, eos_ids: set[int] | None = None) -> list[RaceToken]:
     """Committed tokens with their fate, end-of-text as an "end" marker and nothing after it."""
-    last_is_eos = _ends_with_eos(gen, eos_ids)
+    last_is_eos = ends_with_eos(gen, eos_ids)
     n_total = sum(len(s.new_tokens) for s in gen.steps)
     out: list[RaceToken] = []
     for step in gen.steps:
