@@ -442,3 +442,41 @@ def test_world_scope_pictures():
     out = card.world_scope("Describe the image.", card.image_stats_of(photo))
     assert not out.inside and "distinct colours" in out.reason
     assert not card.world_scope("Describe the image.", {"size": (1000, 200)}).inside
+
+
+# ------------------------------------------------------------------ on the engine's own traces (tiny model)
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    import tiny_models
+    from mmspec import load_target
+
+    path = tiny_models.build_llava(tmp_path_factory.mktemp("stage") / "llava", seed=0)
+    return load_target(str(path)), tiny_models.image(0)
+
+
+def test_protocol_and_race_on_real_decodes(tiny_target):
+    """measure() around generate(): greedy repeats agree, tau conventions match Stats; the race of
+    vanilla + 3 drafters ends with every run's committed tokens, EOS as a marker only."""
+    from mmspec import DecodeConfig, generate, load_drafter
+
+    target, img = tiny_target
+    runs = {}
+    for name, drafter, tree in (("vanilla", None, "chain:4"), ("random", "random", "chain:4"),
+                                ("ngram", "ngram", "chain:4"), ("self", target.name, "dynamic:8,3,2")):
+        d = load_drafter(drafter, target)
+        cfg = DecodeConfig(max_new_tokens=16, tree=tree)
+        runs[name] = measure.measure(name, lambda d=d, cfg=cfg: generate(target, d, img, "Describe the image.", cfg))
+    for m in runs.values():
+        assert m.repeatable is True and m.tokens_per_s.n == 3 and m.device == str(target.device)
+        assert m.tau == pytest.approx(m.runs[0].stats.tau)
+        assert m.accepted_per_step == pytest.approx(m.runs[0].stats.mean_accepted)
+    assert runs["vanilla"].tau == pytest.approx(1.0) and runs["random"].tau < 1.2
+    r = race.race([(k, m.representative) for k, m in runs.items()], fps=4)
+    eos = target.eos_ids
+    for pane, (name, m) in zip(r.frames[-1].panes, runs.items()):
+        g = m.representative
+        drawn = [t for t in pane.tokens if t.fate != "end"]
+        assert len(drawn) == len(g.token_ids) - (g.token_ids[-1] in eos)
+        assert pane.ended == (g.token_ids[-1] in eos)
+        assert race.race_tokens(g) == race.race_tokens(g, eos)  # the length rule agrees with the real EOS ids
