@@ -480,3 +480,24 @@ def test_protocol_and_race_on_real_decodes(tiny_target):
         assert len(drawn) == len(g.token_ids) - (g.token_ids[-1] in eos)
         assert pane.ended == (g.token_ids[-1] in eos)
         assert race.race_tokens(g) == race.race_tokens(g, eos)  # the length rule agrees with the real EOS ids
+
+
+def test_result_sets_and_spread_figure(tmp_path):
+    from viz import bench
+    from viz.charts import speedup_spread_figure
+
+    names = [s.name for s in bench.result_sets()]
+    assert "speed_h100" in names and names[-1] == "speed_cpu"  # GPU measurements first
+    (tmp_path / "speed_bad.json").write_text("{oops")
+    (tmp_path / "speed_empty.json").write_text('{"meta": {}, "rows": []}')
+    assert bench.result_sets(tmp_path) == []
+    van = measure.summarise("vanilla", [vanilla_run(wall=w) for w in (2.0, 2.2, 2.6)])
+    ms = [measure.summarise(n, [spec_run(wall=w) for w in ws]) for n, ws in
+          (("ngram", (1.8, 2.0, 2.4)), ("draft <VLM>", (0.9, 1.0, 1.1)))]
+    pts = measure.speedup_points(measure.compare_all(van, ms))
+    fig = speedup_spread_figure(pts)
+    assert list(fig.data[0].customdata) == ["within noise", "faster"]
+    assert list(fig.data[0].y) == ["ngram", "draft &lt;VLM&gt;"] and "cpu, float32" in fig.layout.title.text
+    lo, hi = fig.data[0].error_x.arrayminus, fig.data[0].error_x.array
+    assert all(a >= 0 and b >= 0 for a, b in zip(lo, hi))
+    assert [label for label, _ in measure.race_inputs(van, ms)] == ["vanilla", "ngram", "draft <VLM>"]

@@ -175,3 +175,25 @@ def tau_figure(meta: dict, rows: list[dict], temperature: float = 0.0) -> go.Fig
     fig.add_vline(x=1.0, line=dict(color="#8a8f98", dash="dot"))
     return _hbar(fig, len(ok), f"Tokens per target forward (τ) at T={temperature:g}, measured on {_where(meta)}",
                  "τ: tokens per target forward, bonus included (vanilla = 1)")
+
+
+@dataclass
+class ResultSet:
+    name: str  # file stem, e.g. speed_h100
+    meta: dict
+    rows: list[dict]
+
+
+def result_sets(folder: Path = RESULTS) -> list[ResultSet]:
+    """bench/speed.py's JSON files (speed_*.json) with their rows, GPU before CPU; unreadable or
+    row-less files are skipped."""
+    out = []
+    for path in sorted(folder.glob("speed_*.json"), key=lambda p: ("cpu" in p.name, p.name)):
+        try:
+            data = json.loads(path.read_text())
+            meta, rows = data.get("meta", {}), data.get("rows", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        if rows:
+            out.append(ResultSet(path.stem, meta, rows))
+    return out

@@ -129,3 +129,28 @@ def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]])
     # The legend sits inside the plot area, under the title, so it never collides with it.
     fig.update_layout(legend=dict(x=0.99, y=0.98, xanchor="right", yanchor="top", bgcolor="rgba(128,128,128,0.08)"))
     return fig
+
+
+VERDICT_COLOURS = {"faster": GREEN, "slower": "#D55E00", "within noise": "#999999"}
+
+
+def speedup_spread_figure(points: list[dict]) -> go.Figure:
+    """Speed-up of each drafter over vanilla as a median with its min–max range (from
+    `webui.measure.speedup_points`), coloured by verdict; the device and dtype are in the title."""
+    if not points:
+        return empty_figure("Speed-ups appear here once vanilla and a drafter are measured.")
+    labels = [html.escape(p["label"]) for p in points]
+    fig = go.Figure(go.Scatter(
+        x=[p["speedup"] for p in points], y=labels, mode="markers+text", name="speed-up",
+        error_x=dict(type="data", symmetric=False, array=[p["hi"] - p["speedup"] for p in points],
+                     arrayminus=[p["speedup"] - p["lo"] for p in points], color=FONT_COLOUR, thickness=2),
+        marker=dict(size=12, color=[VERDICT_COLOURS.get(p["verdict"], FONT_COLOUR) for p in points]),
+        text=[f"{p['speedup']:.2f}× {html.escape(p['verdict'])}" for p in points], textposition="top center",
+        customdata=[p["verdict"] for p in points], hovertemplate="%{y}: %{x:.2f}× (%{customdata})<extra></extra>",
+    ))
+    fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
+    wheres = sorted({p["where"] for p in points})
+    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing of runs)")
+    fig.update_yaxes(automargin=True, autorange="reversed")
+    return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),
+                        height=140 + 60 * len(points))

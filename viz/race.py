@@ -230,3 +230,12 @@ def pane_html(pf: PaneFrame) -> str:
     return (f'<div class="mmspec-race-pane" data-state="{state}"><div class="mmspec-race-label">'
             f'{html.escape(pf.label)} · {len([t for t in pf.tokens if t.fate != "end"])} tokens · '
             f'{pf.real_s:.3f} s</div><div class="mmspec-tokens">{"".join(spans)}</div></div>')
+
+
+# Styles for pane_html's own classes (the fate classes come from viz.style.CSS); append to the page CSS.
+RACE_CSS = """
+.mmspec-race-pane { display: flex; flex-direction: column; gap: 4px; }
+.mmspec-race-label { font-size: 13px; color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; }
+.tok-end { border: 1px solid var(--body-text-color-subdued); border-radius: 3px; padding: 0 4px; font-size: 0.8em;
+  color: var(--body-text-color-subdued); margin-left: 4px; }
+"""

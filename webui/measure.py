@@ -175,3 +175,18 @@ def table_row(m: Measurement, vs: Comparison | None = None) -> dict[str, str]:
         "same tokens every run": {True: "yes", False: "NO", None: "sampling"}[m.repeatable],
     }
     return row
+
+
+def compare_all(vanilla: Measurement, others: list[Measurement]) -> list[Comparison]:
+    return [compare(m, vanilla) for m in others]
+
+
+def race_inputs(vanilla: Measurement, others: list[Measurement]) -> list[tuple[str, Generation]]:
+    """(label, the median run) of vanilla and each drafter: what `viz.race.race` replays."""
+    return [(m.method, m.representative) for m in [vanilla, *others]]
+
+
+def speedup_points(comparisons: list[Comparison]) -> list[dict]:
+    """Plain data for `viz.charts.speedup_spread_figure`."""
+    return [{"label": c.method, "speedup": c.speedup, "lo": c.speedup_lo, "hi": c.speedup_hi, "verdict": c.verdict,
+             "where": f"{c.device}, {c.dtype}"} for c in comparisons]
