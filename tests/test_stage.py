@@ -265,7 +265,9 @@ def test_tree_boxes_never_overlap_and_edges_avoid_labels(seed):
     assert root.startswith("root") and "&lt;b&gt;" in root  # the last committed token, escaped once
     assert all("&amp;amp;" not in a.text and "&amp;lt;" not in a.text for a in fig.layout.annotations)
     x0, x1 = fig.layout.xaxis.range
-    assert fig.layout.width >= x1 - x0  # pixels in the axes are at least pixels on the page
+    y0, y1 = fig.layout.yaxis.range
+    m = fig.layout.margin
+    assert fig.layout.width - m.l - m.r == x1 - x0 and fig.layout.height - m.t - m.b == y1 - y0  # 1 unit = 1 px
 
 
 def test_tree_legend_names_every_status_and_first_root_is_the_prompt():
@@ -274,7 +276,7 @@ def test_tree_legend_names_every_status_and_first_root_is_the_prompt():
     g = spec_run()
     fig = tree_fig.tree_figure(g, 0)
     legend = {t.name for t in fig.data if t.showlegend}
-    assert tree_fig.STATUS_LABEL["unreached"] in legend and len(legend) == 6
+    assert tree_fig.STATUS_LABEL["unreached"] in legend and len(legend) == len(tree_fig.STATUS_LABEL)
     assert "the prompt" in fig.layout.annotations[0].text
 
 
@@ -313,7 +315,7 @@ def test_benchmark_figures_name_hardware_and_one_question_each():
     for fig in (sp, tau):
         assert "H100" in fig.layout.title.text and len(fig.data) == 1
         assert not any("engine:" in str(y) for y in fig.data[0].y)  # human labels only
-        assert fig.layout.margin.t >= 60 and fig.layout.title.y >= 0.9  # the title has a band of its own
+        assert fig.layout.margin.t >= 60 and fig.layout.title.pad.t >= 30  # a band of its own, under the modebar
     assert "Speed-up" in sp.layout.title.text and "τ" in tau.layout.title.text
     assert not any(m.startswith("hf:") for m in tau.data[0].customdata)
     t0 = [r for r in d["rows"] if r["temperature"] == 0 and not r.get("error")]

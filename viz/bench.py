@@ -135,9 +135,11 @@ def _where(meta: dict) -> str:
 def _hbar(fig: go.Figure, n: int, title: str, x_title: str) -> go.Figure:
     """Horizontal bars: long method names fit on the left; the title has its own band above the plot."""
     fig.update_layout(template="none", paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
-                      height=110 + 26 * n, margin=dict(l=10, r=60, t=70, b=50), showlegend=False,
-                      title=dict(text=html.escape(title), x=0.01, xanchor="left", y=0.98, yanchor="top",
-                                 font=dict(size=14)), font=dict(size=12, color="#8a8f98"))
+                      height=120 + 26 * n, margin=dict(l=10, r=60, t=72, b=50), showlegend=False,
+                      # under the modebar's strip (top 30 px): the title and the buttons never overlap
+                      title=dict(text=html.escape(title), x=0.01, xanchor="left", yref="container", y=1,
+                                 yanchor="top", pad=dict(t=34), font=dict(size=14)),
+                      font=dict(size=12, color="#8a8f98"))
     fig.update_yaxes(automargin=True, autorange="reversed")
     fig.update_xaxes(title=x_title, gridcolor="rgba(128,128,128,0.22)")
     return fig
@@ -155,7 +157,8 @@ def speedup_figure(meta: dict, rows: list[dict], temperature: float = 0.0) -> go
         y=[html.escape(method_label(r["method"])) for r in ok], x=[r["speedup"] for r in ok], orientation="h",
         error_x=dict(type="data", symmetric=False, array=hi, arrayminus=lo, color="#8a8f98"),
         marker_color=["#009E73" if r["speedup"] >= 1 else "#D55E00" for r in ok],
-        text=[f"{r['speedup']:.2f}×" for r in ok], textposition="outside", cliponaxis=False,
+        text=[f"{r['speedup']:.2f}×" for r in ok], textposition="inside", insidetextanchor="start",
+        textfont=dict(color="white"),  # inside the bar's base: never under a whisker
         customdata=[r["method"] for r in ok], hovertemplate="%{y}<br>%{x:.2f}× vanilla<extra></extra>",
     ))
     fig.add_vline(x=1.0, line=dict(color="#8a8f98", dash="dot"))
@@ -169,7 +172,8 @@ def tau_figure(meta: dict, rows: list[dict], temperature: float = 0.0) -> go.Fig
     ok = [r for r in _rows(rows, temperature) if r.get("tau") is not None and r["method"].startswith("engine:")]
     fig = go.Figure(go.Bar(
         y=[html.escape(method_label(r["method"])) for r in ok], x=[r["tau"] for r in ok], orientation="h",
-        marker_color="#0072B2", text=[f"τ {r['tau']:.2f}" for r in ok], textposition="outside", cliponaxis=False,
+        marker_color="#0072B2", text=[f"τ {r['tau']:.2f}" for r in ok], textposition="inside", insidetextanchor="start",
+        textfont=dict(color="white"),
         customdata=[r["method"] for r in ok], hovertemplate="%{y}<br>τ = %{x:.2f}<extra></extra>",
     ))
     fig.add_vline(x=1.0, line=dict(color="#8a8f98", dash="dot"))

@@ -16,11 +16,13 @@ into HTML here; the functions returning plain data leave text unescaped.
 from __future__ import annotations
 
 import html
+import inspect
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from mmspec.entropy import choose_layers
 from mmspec.trace import Generation
 from mmspec.world import TEXT_ONLY_BANK, VISUAL_WORDS
 from viz.race import ends_with_eos
@@ -47,10 +49,13 @@ VARIANT_PROSE = {
     "aasd": "AASD: no prompt entries; attends to the target's own cache of the prompt and image",
     "flash": "FLASH: several features per forward (semi-autoregressive), image compressed by learned queries",
 }
+# The rule's numbers come from mmspec.entropy.choose_layers' own defaults, so the words follow the code.
+_RULE = inspect.signature(choose_layers).parameters
+RULE_K, RULE_FRAC = _RULE["k"].default, _RULE["frac"].default
 LAYER_RULE = ("Layer choice rule (mmspec.entropy): the normalised attention entropy of each decoder layer is "
-              "averaged over heads and over the prompt's text after the image; the 2 lowest-entropy layers "
-              "among the first 40% of the layers are chosen, plus the last layer. Later layers are never "
-              "candidates, however low their entropy.")
+              f"averaged over heads and over the prompt's text after the image; the {RULE_K} lowest-entropy layers "
+              f"among the first {RULE_FRAC:.0%} of the layers are chosen, plus the last layer. Later layers are "
+              "never candidates, however low their entropy.")
 SHOWN_KEYS = {"name", "kind", "variant", "options", "entropy_profile", "chosen_layers", "dream_uses_chosen_layers",
               "supervised_layer", "target_layers", "aux_layers_from", "trained", "quality", "params", "size_mb_fp16",
               "sees_image", "max_n", "min_n", "engines_would_read"}
@@ -118,7 +123,7 @@ def layer_sentences(info: dict) -> list[str]:
     return out
 
 
-def skipped_layers(profile: list[float], chosen: list[int], frac: float = 0.4) -> list[str]:
+def skipped_layers(profile: list[float], chosen: list[int], frac: float = RULE_FRAC) -> list[str]:
     """Why lower-entropy layers than the chosen ones were passed over (they lie past the early range)."""
     if not profile or not chosen:
         return []
@@ -230,7 +235,8 @@ def acceptance_html(gen: Generation | None, window: int = 16) -> str:
         return '<div class="mmspec-card"><p>Acceptance needs a speculative run.</p></div>'
     s = acceptance_summary(gen, window)
     kinds = [("visual attribute words", s["visual"]), ("other tokens", s["other"])]
-    split = table([(k, f"{_pct(r)} accepted drafts ({a} of {n})") for k, (a, n, r) in kinds])
+    split = table([(k, f"{_pct(r)} accepted drafts ({a} of {n})" if n else "none in this answer")
+                   for k, (a, n, r) in kinds])
     w = s["window"]
     pos = table([(f"tokens {start + 1}–{start + n}", f"{_pct(r)} ({a} of {n})") for start, a, n, r in s["by_position"]])
     note = ("Visual attribute words are colours, shapes, sizes, positions, numbers and the rendered words; a word "

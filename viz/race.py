@@ -223,7 +223,7 @@ def pane_html(pf: PaneFrame) -> str:
     spans = []
     for t in pf.tokens:
         if t.fate == "end":
-            spans.append('<span class="tok tok-end" title="end of text">⏹ end</span>')
+            spans.append('<span class="tok tok-end" title="end of text">■ end</span>')
         else:
             spans.append(f'<span class="tok tok-{t.fate}" data-step="{t.step}">{token_html(t.text)}</span>')
     state = "finished" if pf.finished else "running"

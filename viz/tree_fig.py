@@ -100,7 +100,7 @@ LINE_PX = 17.0
 PAD_PX = 10.0
 COL_GAP_PX = 48.0  # the strip between columns: edges run only there, never across a box
 ROW_GAP_PX = 12.0
-MARGIN = dict(l=20, r=20, t=50, b=70)  # the bottom margin holds the legend
+MARGIN = dict(l=20, r=20, t=64, b=92)  # the top holds modebar + title, the bottom the legend (4 rows)
 
 
 @dataclass(frozen=True)
@@ -225,12 +225,13 @@ def _title(step: StepRecord, n: int, next_kind: str) -> str:
 
 def _add_legend(fig: go.Figure) -> None:
     """Every status, unreached included, as legend-only square markers under the plot."""
-    for status in ("root", "accepted", "rejected", "unreached", "bonus", "correction"):
+    for status in ("root", "accepted", "rejected", "unreached", "bonus", "correction", "target"):
         fill, border, _, _ = BOX_STYLE[status]
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=STATUS_LABEL[status],
-                                 legendgroup="status", showlegend=True, hoverinfo="skip",
+                                 showlegend=True, hoverinfo="skip",
                                  marker=dict(symbol="square", size=13, color=fill, line=dict(color=border, width=1.5))))
-    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="top", yref="container",
+    fig.update_layout(showlegend=True, legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom",
+                                                   yref="container",
                                   font=dict(size=11), itemclick=False, itemdoubleclick=False))
 
 
@@ -255,7 +256,8 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
 
     fig = go.Figure()
     edges: dict[str, tuple[list, list, dict]] = {k: ([], [], v) for k, v in EDGE_STYLE.items()}
-    edges["next"] = ([], [], dict(color=BLUE if next_kind == "bonus" else ORANGE, width=2.5, dash="dash"))
+    edges["next"] = ([], [], dict(color={"bonus": BLUE, "correction": ORANGE}.get(next_kind, GREY), width=2.5,
+                                  dash="dash"))
     links = [(p + 1, i + 1, status[i + 1]) for i, p in enumerate(step.tree.parents)]
     if has_next:
         links.append((last + 1, n + 1, "next"))
@@ -280,7 +282,7 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
     ))
     acc_idx = [0] + [a + 1 for a in step.accepted]
     fig.add_trace(go.Scatter(
-        x=[boxes[j].x0 for j in acc_idx], y=[boxes[j].y0 for j in acc_idx], mode="markers", name="accepted path",
+        x=[boxes[j].x0 for j in acc_idx], y=[boxes[j].cy for j in acc_idx], mode="markers", name="accepted path",
         marker=dict(size=6, color=GREEN), customdata=[-1] + list(step.accepted), hoverinfo="skip", showlegend=False,
     ))
     if has_next:
@@ -292,16 +294,19 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
 
 
 def _frame(fig: go.Figure, boxes: list[Box], title: str) -> go.Figure:
-    """Axes in pixels with the figure sized to match, so the geometry of `layout_boxes` is what shows."""
+    """Axes in pixels with the figure sized to match, so the geometry of `layout_boxes` is what shows:
+    a figure wider than the tree (for its title and legend) extends the x range instead of stretching."""
     x0, x1 = min(b.x0 for b in boxes) - 8, max(b.x1 for b in boxes) + 8
     y0, y1 = min(b.y0 for b in boxes) - 8, max(b.y1 for b in boxes) + 8
-    fig.update_xaxes(visible=False, range=[x0, x1], fixedrange=False)
+    # About 7 px per title character at 14 px; the legend needs about 560 px for two entries a row.
+    plot_w = max(int(x1 - x0), 7 * len(title), 560)
+    fig.update_xaxes(visible=False, range=[x0, x0 + plot_w])
     fig.update_yaxes(visible=False, range=[y0, y1])
     style_figure(fig, title=title)
-    # Wide enough for the title and the legend line too (about 7 px per character at 14 px).
-    width = max(int(x1 - x0), 7 * len(title), 560) + MARGIN["l"] + MARGIN["r"]
-    fig.update_layout(margin=MARGIN, width=width,
+    fig.update_layout(margin=MARGIN, width=plot_w + MARGIN["l"] + MARGIN["r"],
                       height=int(y1 - y0) + MARGIN["t"] + MARGIN["b"], hovermode="closest", dragmode="pan")
+    # The title sits under the modebar's strip (the top 30 px), so the two never overlap.
+    fig.update_layout(title=dict(yref="container", y=1, yanchor="top", pad=dict(t=34)))
     return fig
 
 
