@@ -503,3 +503,22 @@ def test_result_sets_and_spread_figure(tmp_path):
     lo, hi = fig.data[0].error_x.arrayminus, fig.data[0].error_x.array
     assert all(a >= 0 and b >= 0 for a, b in zip(lo, hi))
     assert [label for label, _ in measure.race_inputs(van, ms)] == ["vanilla", "ngram", "draft <VLM>"]
+
+
+def test_measure_all_runs_in_rounds_after_every_warmup():
+    calls = []
+
+    def decode(name, make):
+        def run():
+            calls.append(name)
+            return make(1.0)
+        return run
+
+    seen = []
+    out = measure.measure_all({"vanilla": decode("v", lambda w: vanilla_run(wall=w)),
+                               "ngram": decode("n", spec_run)}, on_run=lambda name, i, g: seen.append((name, i)))
+    assert calls == ["v", "n"] + ["v", "n"] * 3  # warm-ups first, then rounds
+    assert seen[:3] == [("vanilla", 1), ("ngram", 1), ("vanilla", 2)]
+    assert [m.tokens_per_s.n for m in out.values()] == [3, 3] and out["ngram"].method == "ngram"
+    with pytest.raises(ValueError):
+        measure.measure_all({"v": decode("v", spec_run)}, repeats=1)

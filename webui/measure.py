@@ -127,6 +127,29 @@ def measure(method: str, decode: Callable[[], Generation], repeats: int = MIN_RE
     return summarise(method, runs)
 
 
+def measure_all(decodes: dict[str, Callable[[], Generation]], repeats: int = MIN_REPEATS,
+                on_run: Callable[[str, int, Generation], None] | None = None) -> dict[str, Measurement]:
+    """Several methods (vanilla first, by convention) measured in rounds: every method's warm-up, then
+    round i runs each method once. Why rounds: a shared machine's load drifts over a minute; in rounds
+    the drift lands on every method alike instead of on whichever was measured last."""
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"at least {MIN_REPEATS} timed runs are needed for a spread, got {repeats}")
+    for decode in decodes.values():
+        decode()
+    runs: dict[str, list[Generation]] = {name: [] for name in decodes}
+    for i in range(1, repeats + 1):
+        for name, decode in decodes.items():
+            runs[name].append(decode())
+            if on_run is not None:
+                on_run(name, i, runs[name][-1])
+    return {name: summarise(name, gens) for name, gens in runs.items()}
+
+
+PROTOCOL_NOTE = (f"Every timing: one untimed warm-up, then at least {MIN_REPEATS} timed runs of each method in "
+                 "rounds (vanilla and the drafters taking turns); shown as the median with the slowest and "
+                 "fastest run.")
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A method against vanilla measured the same way on the same device."""
