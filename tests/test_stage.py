@@ -371,7 +371,7 @@ def test_feature_drafter_card_is_prose_and_tables():
     info = dream_info()
     out = card.card_html(info)
     text = _text(out)
-    assert "/srv" not in out and "mmspec-feat-dream" in text  # the last path component only
+    assert "/srv" not in out and "feature drafter DREAM (mmspec-feat-dream)" in text  # last path component only
     assert not any(c in text for c in "{}[]")  # no raw JSON
     assert "Variant dream (DREAM" in text and "layers it reads: 3, 6, 15" in text and card.LAYER_RULE in text
     skipped = next(s for s in card.layer_sentences(info) if "lower entropy" in s)
@@ -503,6 +503,7 @@ def test_result_sets_and_spread_figure(tmp_path):
     lo, hi = fig.data[0].error_x.arrayminus, fig.data[0].error_x.array
     assert all(a >= 0 and b >= 0 for a, b in zip(lo, hi))
     assert [label for label, _ in measure.race_inputs(van, ms)] == ["vanilla", "ngram", "draft <VLM>"]
+    assert measure.race_inputs(van, ms, label=str.upper)[1][0] == "NGRAM"
 
 
 def test_measure_all_runs_in_rounds_after_every_warmup():

@@ -25,6 +25,7 @@ from typing import Any
 from mmspec.entropy import choose_layers
 from mmspec.trace import Generation
 from mmspec.world import TEXT_ONLY_BANK, VISUAL_WORDS
+from viz.bench import drafter_label
 from viz.race import ends_with_eos
 
 KIND_PROSE = {
@@ -164,7 +165,9 @@ def card_html(info: dict | None) -> str:
     if not info:
         return '<div class="mmspec-card"><p>Vanilla decoding: no drafter, one token per target forward.</p></div>'
     name = plain(info.get("name", "drafter"))
-    parts = [f"<h4>{html.escape(name)}</h4>", f"<p>{html.escape(what_it_is(info))}</p>"]
+    words = drafter_label(name)
+    head = name if words == name else f"{words} ({name})"
+    parts = [f"<h4>{html.escape(head)}</h4>", f"<p>{html.escape(what_it_is(info))}</p>"]
     parts += [f"<p>{html.escape(s)}</p>" for s in layer_sentences(info)]
     for title, rows in (("Size", size_rows(info)), ("Training quality (held-out prompts)", quality_rows(info)),
                         ("Settings", settings_rows(info))):

@@ -4,7 +4,8 @@ One method (vanilla, or one drafter with one tree shape) is measured by calling 
 once untimed (warm-up: caches, graphs, allocator, lazy imports) and then `repeats` (>= 3) times;
 every number is a median with its spread, and carries the device and dtype it was measured on.
 
-Two conventions for how much a drafter saves, both reported (the page quotes `TAU_DOC`):
+Both conventions of tau and the rule that calls a speed-up faster, slower or within noise are the
+strings TAU_DOC and VERDICT_DOC below, which the page quotes; they are appended to this docstring.
 """
 from __future__ import annotations
 
@@ -204,9 +205,11 @@ def compare_all(vanilla: Measurement, others: list[Measurement]) -> list[Compari
     return [compare(m, vanilla) for m in others]
 
 
-def race_inputs(vanilla: Measurement, others: list[Measurement]) -> list[tuple[str, Generation]]:
-    """(label, the median run) of vanilla and each drafter: what `viz.race.race` replays."""
-    return [(m.method, m.representative) for m in [vanilla, *others]]
+def race_inputs(vanilla: Measurement, others: list[Measurement],
+                label: Callable[[str], str] = str) -> list[tuple[str, Generation]]:
+    """(label, the median run) of vanilla and each drafter: what `viz.race.race` replays; `label` turns a
+    method id into words (e.g. `viz.bench.method_label`)."""
+    return [(label(m.method), m.representative) for m in [vanilla, *others]]
 
 
 def speedup_points(comparisons: list[Comparison]) -> list[dict]:
