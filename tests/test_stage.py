@@ -523,3 +523,14 @@ def test_measure_all_runs_in_rounds_after_every_warmup():
     assert [m.tokens_per_s.n for m in out.values()] == [3, 3] and out["ngram"].method == "ngram"
     with pytest.raises(ValueError):
         measure.measure_all({"v": decode("v", spec_run)}, repeats=1)
+
+
+def test_last_part_hides_directories_only():
+    from viz.card import last_part
+
+    assert last_part("/srv/app/assets/models/mmspec-feat-dream/") == "mmspec-feat-dream"
+    assert last_part("/home/a user/my drafter") == "my drafter"
+    assert last_part("assets/models/mmspec-draft-vlm") == "mmspec-draft-vlm"
+    assert last_part("C:\\\\models\\\\head") == "head" and last_part("~/m/x") == "x"
+    assert last_part("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id, not a path
+    assert last_part("read from config (vLLM/SGLang)") == "read from config (vLLM/SGLang)"

@@ -64,9 +64,14 @@ SHOWN_KEYS = {"name", "kind", "variant", "options", "entropy_profile", "chosen_l
 
 # ---------------------------------------------------------------- plain values, never JSON or paths
 
+# A path: rooted (/, ~/, ./, ../, C:\ — spaces allowed), or two or more separators and no spaces.
+PATH_RE = re.compile(r"^(?:/|~/|\.{1,2}/|[A-Za-z]:[\\/])|^\S*[\\/]\S*[\\/]\S*$")
+
+
 def last_part(value: str) -> str:
-    """A path shows only its last component; other strings are left as they are."""
-    if "/" in value or "\\" in value:
+    """A file path shows only its last component (never a server's directories); a hub id like
+    'org/model' and prose that mentions a slash are left as they are."""
+    if PATH_RE.match(value):
         return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or value
     return value
 

@@ -119,9 +119,6 @@ class Box:
     def cy(self) -> float:
         return (self.y0 + self.y1) / 2
 
-    def overlaps(self, other: "Box") -> bool:
-        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
-
 
 def label_size(lines: list[tuple[str, bool]]) -> tuple[float, float]:
     """(width, height) in pixels of a box holding plain-text lines; flag True = a small (10 px) line."""
@@ -141,11 +138,8 @@ def layout_boxes(parents: list[int], sizes: list[tuple[float, float]], extra_chi
     col_w = [max(w for (w, _), x in zip(sizes, xs) if x == c) for c in range(n_cols)]
     row_h = max(h for _, h in sizes) + ROW_GAP_PX
     left = [sum(col_w[:c]) + COL_GAP_PX * c for c in range(n_cols)]
-    boxes = []
-    for (w, h), y, x in zip(sizes, ys, xs):
-        cy = y * row_h
-        boxes.append(Box(left[x], left[x] + col_w[x], cy - (row_h - ROW_GAP_PX) / 2, cy + (row_h - ROW_GAP_PX) / 2))
-    return boxes
+    half = (row_h - ROW_GAP_PX) / 2
+    return [Box(left[x], left[x] + col_w[x], y * row_h - half, y * row_h + half) for y, x in zip(ys, xs)]
 
 
 # ---------------------------------------------------------------- the figure
@@ -231,8 +225,35 @@ def _add_legend(fig: go.Figure) -> None:
                                  showlegend=True, hoverinfo="skip",
                                  marker=dict(symbol="square", size=13, color=fill, line=dict(color=border, width=1.5))))
     fig.update_layout(showlegend=True, legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom",
-                                                   yref="container",
-                                  font=dict(size=11), itemclick=False, itemdoubleclick=False))
+                                                   yref="container", font=dict(size=11), itemclick=False,
+                                                   itemdoubleclick=False))
+
+
+def _add_edges(fig: go.Figure, boxes: list[Box], links: list[tuple[int, int, str]], next_kind: str) -> None:
+    """One line trace per edge class, each edge from the parent's right side to the child's left side."""
+    styles = dict(EDGE_STYLE, next=dict(color={"bonus": BLUE, "correction": ORANGE}.get(next_kind, GREY), width=2.5,
+                                        dash="dash"))
+    for kind, style in styles.items():
+        ex, ey = [], []
+        for a, b, k in links:
+            if k == kind:
+                ex += [boxes[a].x1, boxes[b].x0, None]
+                ey += [boxes[a].cy, boxes[b].cy, None]
+        if ex:
+            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=style, hoverinfo="skip", showlegend=False,
+                                     name=f"edges {kind}"))
+
+
+def _add_boxes(fig: go.Figure, boxes: list[Box], status: list[str], parts: list[tuple[str, list, str]],
+               n_nodes: int) -> None:
+    """A rectangle (layout shape "box J"; "box next" past the root and the n_nodes - 1 draft nodes: the
+    target's token) and a centred label per box."""
+    for j, (box, st, (label, _, hover)) in enumerate(zip(boxes, status, parts)):
+        fill, border, colour, dash = BOX_STYLE[st]
+        fig.add_shape(type="rect", x0=box.x0, x1=box.x1, y0=box.y0, y1=box.y1, fillcolor=fill, layer="below",
+                      line=dict(color=border, width=1.5, dash=dash), name="box next" if j >= n_nodes else f"box {j}")
+        fig.add_annotation(x=box.cx, y=box.cy, text=label, showarrow=False, font=dict(size=12, color=colour),
+                           hovertext=hover)
 
 
 def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None = None) -> go.Figure:
@@ -255,26 +276,11 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
     boxes = layout_boxes(step.tree.parents, [label_size(lines) for _, lines, _ in parts], last if has_next else None)
 
     fig = go.Figure()
-    edges: dict[str, tuple[list, list, dict]] = {k: ([], [], v) for k, v in EDGE_STYLE.items()}
-    edges["next"] = ([], [], dict(color={"bonus": BLUE, "correction": ORANGE}.get(next_kind, GREY), width=2.5,
-                                  dash="dash"))
     links = [(p + 1, i + 1, status[i + 1]) for i, p in enumerate(step.tree.parents)]
     if has_next:
         links.append((last + 1, n + 1, "next"))
-    for a, b, kind in links:  # from the parent's right side to the child's left side
-        ex, ey, _ = edges[kind]
-        ex += [boxes[a].x1, boxes[b].x0, None]
-        ey += [boxes[a].cy, boxes[b].cy, None]
-    for k, (ex, ey, style) in edges.items():
-        if ex:
-            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=style, hoverinfo="skip", showlegend=False,
-                                     name=f"edges {k}"))
-    for j, (box, st, (label, _, hover)) in enumerate(zip(boxes, status, parts)):
-        fill, border, colour, dash = BOX_STYLE[st]
-        fig.add_shape(type="rect", x0=box.x0, x1=box.x1, y0=box.y0, y1=box.y1, fillcolor=fill, layer="below",
-                      line=dict(color=border, width=1.5, dash=dash), name="box next" if j == n + 1 else f"box {j}")
-        fig.add_annotation(x=box.cx, y=box.cy, text=label, showarrow=False, font=dict(size=12, color=colour),
-                           hovertext=hover)
+    _add_edges(fig, boxes, links, next_kind)
+    _add_boxes(fig, boxes, status, parts, n + 1)
     fig.add_trace(go.Scatter(
         x=[b.cx for b in boxes[: n + 1]], y=[b.cy for b in boxes[: n + 1]], mode="markers", name="nodes",
         marker=dict(size=30, color="rgba(0,0,0,0)", symbol="square"), customdata=status[: n + 1],
