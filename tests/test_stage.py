@@ -297,7 +297,8 @@ def test_method_labels_in_words():
     assert method_label("engine:draft-vlm:chain:8") == "draft VLM, chain of 8"
     assert method_label("engine:vanilla") == "vanilla (one token per forward)"
     assert method_label("engine:ngram:dynamic:24,5,4") == "n-gram, dynamic tree of 24 (depth 5, top-4)"
-    assert method_label("engine:feat-eagle3:chain:4:eager") == "feature drafter EAGLE-3, chain of 4, without CUDA graphs"
+    eager = "feature drafter EAGLE-3, chain of 4, without CUDA graphs"
+    assert method_label("engine:feat-eagle3:chain:4:eager") == eager
     assert method_label("hf:assisted:draft-vlm") == "transformers assisted generation, draft VLM"
     assert method_label("hf:generate:static") == "transformers generate, static cache"
     assert method_label("engine:/srv/x/mmspec-draft-text:chain:4") == "text-only draft LM, chain of 4"
@@ -384,7 +385,8 @@ def test_cards_of_other_drafters_and_escaping_once():
     from viz import card
 
     for info, want in (({"name": "ngram", "kind": "ngram", "max_n": 3, "min_n": 1}, "1 to 3 tokens"),
-                       ({"name": "/a/b/mmspec-draft-text", "kind": "model", "sees_image": False}, "never sees the image"),
+                       ({"name": "/a/b/mmspec-draft-text", "kind": "model", "sees_image": False},
+                        "never sees the image"),
                        ({"name": "random", "kind": "random"}, "τ = 1.00"),
                        ({"name": "/x/head", "kind": "eagle3", "target_layers": [1, 7, 13], "aux_layers_from": "config",
                          "engines_would_read": {"vLLM": [2, 8, 14]}, "params": 10}, "vLLM would read layers")):

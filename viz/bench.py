@@ -53,10 +53,12 @@ def saved_figures(folder: Path = RESULTS) -> list[SavedFigure]:
 
 DRAFTER_LABELS = {
     "draft-vlm": "draft VLM", "draft-text": "text-only draft LM", "ngram": "n-gram", "random": "random",
-    "feat-eagle": "feature drafter EAGLE", "feat-eagle3": "feature drafter EAGLE-3", "feat-dream": "feature drafter DREAM",
+    "feat-eagle": "feature drafter EAGLE", "feat-eagle3": "feature drafter EAGLE-3",
+    "feat-dream": "feature drafter DREAM",
     "feat-dream_topk": "feature drafter DREAM + top-k visual", "feat-vispec": "feature drafter ViSpec",
     "feat-msd": "feature drafter MSD", "feat-aasd": "feature drafter AASD", "feat-flash": "feature drafter FLASH",
-    "feat-pool2": "feature drafter, visual tokens pooled 2×2", "feat-pool4": "feature drafter, visual tokens pooled 4×4",
+    "feat-pool2": "feature drafter, visual tokens pooled 2×2",
+    "feat-pool4": "feature drafter, visual tokens pooled 4×4",
     "feat-topk": "feature drafter, top-k visual tokens",
 }
 HF_LABELS = {"generate": "transformers generate", "generate:static": "transformers generate, static cache",
@@ -172,7 +174,8 @@ def tau_figure(meta: dict, rows: list[dict], temperature: float = 0.0) -> go.Fig
     ok = [r for r in _rows(rows, temperature) if r.get("tau") is not None and r["method"].startswith("engine:")]
     fig = go.Figure(go.Bar(
         y=[html.escape(method_label(r["method"])) for r in ok], x=[r["tau"] for r in ok], orientation="h",
-        marker_color="#0072B2", text=[f"τ {r['tau']:.2f}" for r in ok], textposition="inside", insidetextanchor="start",
+        marker_color="#0072B2", text=[f"τ {r['tau']:.2f}" for r in ok],
+        textposition="inside", insidetextanchor="start",
         textfont=dict(color="white"),
         customdata=[r["method"] for r in ok], hovertemplate="%{y}<br>τ = %{x:.2f}<extra></extra>",
     ))

@@ -246,7 +246,8 @@ def acceptance_html(gen: Generation | None, window: int = 16) -> str:
     split = table([(k, f"{_pct(r)} accepted drafts ({a} of {n})" if n else "none in this answer")
                    for k, (a, n, r) in kinds])
     w = s["window"]
-    pos = table([(f"tokens {start + 1}–{start + n}", f"{_pct(r)} ({a} of {n})") for start, a, n, r in s["by_position"]])
+    pos = table([(f"tokens {start + 1}–{start + n}", f"{_pct(r)} ({a} of {n})")
+                 for start, a, n, r in s["by_position"]])
     note = ("Visual attribute words are colours, shapes, sizes, positions, numbers and the rendered words; a word "
             "split into pieces counts as other.")
     return (f'<div class="mmspec-card"><h5>Visual vs other tokens</h5>{split}<p>{html.escape(note)}</p>'

@@ -159,7 +159,10 @@ EDGE_STYLE = {
 }
 
 
-def _node_label(step: StepRecord, i: int, status: str, vocab: dict[int, str]) -> tuple[str, list[tuple[str, bool]], str]:
+Label = tuple[str, list[tuple[str, bool]], str]  # (label HTML, its plain lines for sizing, hover HTML)
+
+
+def _node_label(step: StepRecord, i: int, status: str, vocab: dict[int, str]) -> Label:
     """(label HTML, its plain lines for sizing, hover HTML) of draft node i; texts escaped here, once."""
     tree = step.tree
     tok_txt = step.node_texts[i] if i < len(step.node_texts) else str(tree.tokens[i])
@@ -185,7 +188,7 @@ def _node_label(step: StepRecord, i: int, status: str, vocab: dict[int, str]) ->
     return label, lines, "<br>".join(hover)
 
 
-def _root_label(gen: Generation, step_index: int) -> tuple[str, list[tuple[str, bool]], str]:
+def _root_label(gen: Generation, step_index: int) -> Label:
     """The root is the last committed token; before the first step it is the prompt."""
     prev = gen.steps[step_index - 1].new_texts if step_index > 0 else []
     what = _short(prev[-1]) if prev else "the prompt"
@@ -194,7 +197,7 @@ def _root_label(gen: Generation, step_index: int) -> tuple[str, list[tuple[str, 
     return label, [("root", False), (what, True)], hover
 
 
-def _next_label(step: StepRecord, kind: str) -> tuple[str, list[tuple[str, bool]], str]:
+def _next_label(step: StepRecord, kind: str) -> Label:
     nt = step.new_texts[len(step.accepted)]
     label = html.escape(_short(nt))
     label = f"<u>{label}</u>" if kind == "bonus" else label
@@ -244,8 +247,7 @@ def _add_edges(fig: go.Figure, boxes: list[Box], links: list[tuple[int, int, str
                                      name=f"edges {kind}"))
 
 
-def _add_boxes(fig: go.Figure, boxes: list[Box], status: list[str], parts: list[tuple[str, list, str]],
-               n_nodes: int) -> None:
+def _add_boxes(fig: go.Figure, boxes: list[Box], status: list[str], parts: list[Label], n_nodes: int) -> None:
     """A rectangle (layout shape "box J"; "box next" past the root and the n_nodes - 1 draft nodes: the
     target's token) and a centred label per box."""
     for j, (box, st, (label, _, hover)) in enumerate(zip(boxes, status, parts)):

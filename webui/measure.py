@@ -165,7 +165,8 @@ class Comparison:
 
     def text(self) -> str:
         head = f"{self.speedup:.2f}× ({self.speedup_lo:.2f}–{self.speedup_hi:.2f}×): {self.verdict}"
-        return head + f" · {self.device}, {self.dtype}" + ("" if self.same_device else " · NOT the same device as vanilla")
+        where = f" · {self.device}, {self.dtype}"
+        return head + where + ("" if self.same_device else " · NOT the same device as vanilla")
 
 
 def verdict(method: Spread, vanilla: Spread) -> str:
