@@ -1,8 +1,9 @@
-"""Issue 17's Gradio-free parts on synthetic traces: the measurement protocol, the race of several
-runs, the tree layout, benchmark labels, drafter cards and the out-of-world check.
+"""Issue 17's Gradio-free parts: the measurement protocol, the race of several runs, the tree layout,
+benchmark labels, drafter cards and the out-of-world check.
 
-Traces are built by hand so that every fate, EOS position and timing is known; no test compares two
-measured timings (fake decodes return the timings they are told to)."""
+Traces are built by hand so that every fate, EOS position and timing is known (one test runs the
+engine on a tiny LLaVA); no test compares two measured timings (fake decodes return the timings
+they are told to)."""
 from __future__ import annotations
 
 import itertools
@@ -60,7 +61,10 @@ def fake_decode(make, walls):
 
 
 def test_warmup_is_discarded_and_spread_is_reported():
-    m = measure.measure("spec", fake_decode(spec_run, [50.0, 1.0, 2.0, 4.0]), repeats=3)
+    seen = []
+    m = measure.measure("spec", fake_decode(spec_run, [50.0, 1.0, 2.0, 4.0]), repeats=3,
+                        on_run=lambda i, g: seen.append((i, g.stats.wall_s)))
+    assert seen == [(1, 1.0), (2, 2.0), (3, 4.0)]
     assert len(m.runs) == 3 and [g.stats.wall_s for g in m.runs] == [1.0, 2.0, 4.0]  # the 50 s warm-up is gone
     assert m.wall_s.median == 2.0 and (m.wall_s.lo, m.wall_s.hi) == (1.0, 4.0)
     assert m.tokens_per_s.median == pytest.approx(7 / 2.0)

@@ -115,17 +115,10 @@ def summarise(method: str, runs: list[Generation]) -> Measurement:
 
 def measure(method: str, decode: Callable[[], Generation], repeats: int = MIN_REPEATS,
             on_run: Callable[[int, Generation], None] | None = None) -> Measurement:
-    """Warm-up (untimed, discarded) then `repeats` timed calls of `decode`; `on_run(i, gen)` after each
-    timed run (i from 1) lets a page say "run 2 of 3"."""
-    if repeats < MIN_REPEATS:
-        raise ValueError(f"at least {MIN_REPEATS} timed runs are needed for a spread, got {repeats}")
-    decode()  # warm-up: its timing includes one-off costs and is never reported
-    runs = []
-    for i in range(1, repeats + 1):
-        runs.append(decode())
-        if on_run is not None:
-            on_run(i, runs[-1])
-    return summarise(method, runs)
+    """Warm-up (untimed, discarded: its timing includes one-off costs) then `repeats` timed calls of
+    `decode`; `on_run(i, gen)` after each timed run (i from 1) lets a page say "run 2 of 3"."""
+    each = None if on_run is None else (lambda _name, i, gen: on_run(i, gen))
+    return measure_all({method: decode}, repeats, each)[method]
 
 
 def measure_all(decodes: dict[str, Callable[[], Generation]], repeats: int = MIN_REPEATS,
