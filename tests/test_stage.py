@@ -540,3 +540,17 @@ def test_last_part_hides_directories_only():
     assert last_part("C:\\\\models\\\\head") == "head" and last_part("~/m/x") == "x"
     assert last_part("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id, not a path
     assert last_part("read from config (vLLM/SGLang)") == "read from config (vLLM/SGLang)"
+
+
+def test_as_json_carries_spreads_and_verdict():
+    import json
+
+    van = measure.summarise("vanilla", [vanilla_run(wall=w) for w in (2.0, 2.2, 2.6)])
+    rnd = measure.summarise("random", [random_drafter_run(w) for w in (2.1, 2.3, 2.5)])
+    out = json.loads(json.dumps(measure.as_json(rnd, measure.compare(rnd, van))))
+    assert out["tokens_per_s"]["n"] == 3 and out["tokens_per_s"]["min"] <= out["tokens_per_s"]["median"]
+    assert out["wall_s"] == {"median": 2.3, "min": 2.1, "max": 2.5, "p10": pytest.approx(2.14),
+                             "p90": pytest.approx(2.46), "n": 3}
+    assert out["tau"] == 1.0 and out["accepted_per_step"] == 0.0 and out["device"] == "cpu"
+    assert out["speedup"]["verdict"] == "within noise" and out["speedup"]["min"] < 1 < out["speedup"]["max"]
+    assert "speedup" not in measure.as_json(van)

@@ -210,3 +210,18 @@ def speedup_points(comparisons: list[Comparison]) -> list[dict]:
     """Plain data for `viz.charts.speedup_spread_figure`."""
     return [{"label": c.method, "speedup": c.speedup, "lo": c.speedup_lo, "hi": c.speedup_hi, "verdict": c.verdict,
              "where": f"{c.device}, {c.dtype}"} for c in comparisons]
+
+
+def as_json(m: Measurement, vs: Comparison | None = None) -> dict:
+    """One method as JSON-ready numbers (a gr.JSON output, a bench file): every timing with its median and
+    spread, tau in both conventions, the verdict against vanilla, and where it was measured."""
+    def spread(s: Spread) -> dict:
+        return {"median": s.median, "min": s.lo, "max": s.hi, "p10": s.p10, "p90": s.p90, "n": s.n}
+
+    out = {"method": m.method, "device": m.device, "dtype": m.dtype, "temperature": m.temperature,
+           "tokens_per_s": spread(m.tokens_per_s), "wall_s": spread(m.wall_s), "tau": m.tau,
+           "accepted_per_step": m.accepted_per_step, "same_tokens_every_run": m.repeatable}
+    if vs is not None:
+        out["speedup"] = {"median": vs.speedup, "min": vs.speedup_lo, "max": vs.speedup_hi, "verdict": vs.verdict,
+                          "same_device_as_vanilla": vs.same_device}
+    return out
