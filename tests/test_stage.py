@@ -337,6 +337,9 @@ def test_applies_here_says_which_device():
     assert msg.startswith("measured on an H200") and "runs on the CPU" in msg and "do not apply" in msg
     assert "comparable" in applies_here(h200, "cuda:0", "NVIDIA H200")
     assert "comparable" in applies_here({"hardware": "CPU x86_64", "device": "cpu"}, "cpu")
+    assert "compare with care" in applies_here(h200, "cuda")
+    assert "do not apply" in applies_here({"hardware": "CPU x86_64", "device": "cpu"}, "cuda")
+    assert hardware_name({"hardware": "NVIDIA L40S"}) == "an L40S"
 
 
 # ------------------------------------------------------------------ drafter cards, acceptance, the world

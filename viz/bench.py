@@ -104,7 +104,7 @@ def method_label(method: str) -> str:
 def hardware_name(meta: dict) -> str:
     """'an H100', 'an H200', 'the CPU': the device a result file was measured on, in words."""
     hw = str(meta.get("hardware") or meta.get("device") or "?")
-    for chip in ("H200", "H100", "A100", "L4", "T4", "A10G"):
+    for chip in ("H200", "H100", "A100", "A10G", "L40S", "L4", "T4"):  # longer names first: L40S is not an L4
         if chip in hw:
             return f"an {chip}" if chip[0] in "AHL" else f"a {chip}"
     if str(meta.get("device", "")).startswith("cpu") or hw.upper().startswith("CPU"):
@@ -122,6 +122,8 @@ def applies_here(meta: dict, session_device: str, session_hardware: str | None =
         here = hardware_name({"hardware": session_hardware, "device": session_device}) if session_hardware else "a GPU"
     if where == here:
         return f"measured on {where}, like this session: comparable, though load and prompts differ"
+    if here == "a GPU" and where != "the CPU":
+        return f"measured on {where} — this session runs on a GPU of another or unknown kind: compare with care"
     return f"measured on {where} — this session runs on {here}: these speed-ups do not apply here"
 
 
