@@ -125,9 +125,10 @@ def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]])
         ))
     fig.update_xaxes(title="draft depth", tickmode="linear", dtick=1)
     fig.update_yaxes(title="acceptance rate", range=[0, 1.05], tickformat=".0%")
-    style_figure(fig, title="Acceptance by draft depth, drafters on this prompt", height=320)
-    # The legend sits inside the plot area, under the title, so it never collides with it.
-    fig.update_layout(legend=dict(x=0.99, y=0.98, xanchor="right", yanchor="top", bgcolor="rgba(128,128,128,0.08)"))
+    style_figure(fig, title="Acceptance by draft depth, drafters on this prompt", height=360)
+    # The legend has a strip of its own at the bottom: never over the lines, never under the title.
+    fig.update_layout(showlegend=True, margin=dict(b=100),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container"))
     return fig
 
 
@@ -151,6 +152,7 @@ def speedup_spread_figure(points: list[dict]) -> go.Figure:
     fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
     wheres = sorted({p["where"] for p in points})
     fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing of runs)")
-    fig.update_yaxes(automargin=True, autorange="reversed")
+    # First method on top, with room above each point for its label (a categorical axis counts 0, 1, ...).
+    fig.update_yaxes(automargin=True, range=[len(points) - 0.5, -0.8])
     return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),
                         height=140 + 60 * len(points))
