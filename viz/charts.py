@@ -1,6 +1,7 @@
 """Run-level charts: acceptance by draft depth, accepted-length histogram, and the session summary."""
 from __future__ import annotations
 
+import html
 from collections import Counter
 from typing import Any
 
@@ -104,3 +105,54 @@ def summary_figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig.update_yaxes(title="speed-up over vanilla (tokens/s)", range=[0, max(1.2, top * 1.25)])
     fig.update_xaxes(showgrid=False)
     return style_figure(fig, title="Runs in this session", height=320)
+
+
+OVERLAY_COLOURS = (GREEN, BLUE, "#D55E00", "#CC79A7")  # Okabe-Ito, one per drafter pane
+
+
+def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]]) -> go.Figure:
+    """Acceptance by draft depth of several drafters on one prompt, one line each (from
+    `viz.race.acceptance_overlay`); a depth reached by no step is left out rather than drawn as 0."""
+    if not overlay:
+        return empty_figure("Acceptance by depth needs at least one speculative run in the race.")
+    fig = go.Figure()
+    for (label, (rates, reached)), colour in zip(overlay.items(), OVERLAY_COLOURS):
+        keep = [d for d in range(len(rates)) if d < len(reached) and reached[d] > 0]
+        fig.add_trace(go.Scatter(
+            x=[d + 1 for d in keep], y=[rates[d] for d in keep], customdata=[reached[d] for d in keep],
+            mode="lines+markers", name=html.escape(label), line=dict(color=colour, width=2.5),
+            hovertemplate=f"{html.escape(label)}<br>depth %{{x}}: %{{y:.0%}} of %{{customdata}} steps<extra></extra>",
+        ))
+    fig.update_xaxes(title="draft depth", tickmode="linear", dtick=1)
+    fig.update_yaxes(title="acceptance rate", range=[0, 1.05], tickformat=".0%")
+    style_figure(fig, title="Acceptance by draft depth, drafters on this prompt", height=360)
+    # The legend has a strip of its own at the bottom: never over the lines, never under the title.
+    fig.update_layout(showlegend=True, margin=dict(b=100),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container"))
+    return fig
+
+
+VERDICT_COLOURS = {"faster": GREEN, "slower": "#D55E00", "within noise": "#999999"}
+
+
+def speedup_spread_figure(points: list[dict]) -> go.Figure:
+    """Speed-up of each drafter over vanilla as a median with its min–max range (from
+    `webui.measure.speedup_points`), coloured by verdict; the device and dtype are in the title."""
+    if not points:
+        return empty_figure("Speed-ups appear here once vanilla and a drafter are measured.")
+    labels = [html.escape(p["label"]) for p in points]
+    fig = go.Figure(go.Scatter(
+        x=[p["speedup"] for p in points], y=labels, mode="markers+text", name="speed-up",
+        error_x=dict(type="data", symmetric=False, array=[p["hi"] - p["speedup"] for p in points],
+                     arrayminus=[p["speedup"] - p["lo"] for p in points], color=FONT_COLOUR, thickness=2),
+        marker=dict(size=12, color=[VERDICT_COLOURS.get(p["verdict"], FONT_COLOUR) for p in points]),
+        text=[f"{p['speedup']:.2f}× {html.escape(p['verdict'])}" for p in points], textposition="top center",
+        customdata=[p["verdict"] for p in points], hovertemplate="%{y}: %{x:.2f}× (%{customdata})<extra></extra>",
+    ))
+    fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
+    wheres = sorted({p["where"] for p in points})
+    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing of runs)")
+    # First method on top, with room above each point for its label (a categorical axis counts 0, 1, ...).
+    fig.update_yaxes(automargin=True, range=[len(points) - 0.5, -0.8])
+    return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),
+                        height=140 + 60 * len(points))

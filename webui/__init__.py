@@ -1,0 +1,1 @@
+"""Gradio-free services the app and the benchmarks share (measurement protocol, request handling)."""
