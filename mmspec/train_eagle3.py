@@ -113,20 +113,23 @@ class Pool:
 
 
 def make_pool(target, seeds: list[int], args, sampled_frac: float, deadline: float | None) -> Pool:
-    """Answer the prompts in batches (the last `sampled_frac` share sampled); stop early at `deadline`."""
-    workers = args.workers if args.workers is not None else (0 if target.device.type == "cpu" else min(8, (os.cpu_count() or 2) - 2))
+    """Answer the prompts in batches, a `sampled_frac` share of the batches sampled (spread out, so
+    that an early stop at `deadline` keeps the mix)."""
+    workers = args.workers
+    if workers is None:  # rendering and the processor run in workers while the GPU generates
+        workers = 0 if target.device.type == "cpu" else min(8, (os.cpu_count() or 2) - 2)
     loader = torch.utils.data.DataLoader(Prompts(target, seeds), batch_size=args.gen_batch, num_workers=workers,
                                          collate_fn=lambda items: _left_padded(items, _pad_id(target)))
-    n_greedy = len(seeds) - int(round(sampled_frac * len(seeds)))
     rows, done = [], 0
-    for items, ids, att, pv in loader:
-        answers = answer_batch(target, ids, att, pv, args.max_new, sample=done >= n_greedy)
+    for k, (items, ids, att, pv) in enumerate(loader):
+        sample = round((k + 1) * sampled_frac) > round(k * sampled_frac)
+        answers = answer_batch(target, ids, att, pv, args.max_new, sample)
         if pv is not None:  # kept on the device in the target's dtype (fp32 host copies of 16k images: 8 GB)
             sizes = [len(it["pv"]) for it in items if it["pv"] is not None]
             rows_pv = iter(pv.to(target.device, target.dtype).split(sizes))
             for it in items:
                 it["pv"] = next(rows_pv) if it["pv"] is not None else None
-        rows += [(it, a, done + k >= n_greedy) for k, (it, a) in enumerate(zip(items, answers))]
+        rows += [(it, a, sample) for it, a in zip(items, answers)]
         done += len(items)
         if deadline is not None and time.time() > deadline:
             log(f"[eagle3] pool: time share used after {done} of {len(seeds)} prompts")
@@ -268,7 +271,7 @@ def evaluate(head, target, layers, draft_ids, batches, steps, pad) -> dict:
 
 
 def aux_layers(target, text: str | None) -> tuple[int, ...]:
-    """--aux as given, else the format's default (2, L//2, L-3); three distinct ids in 1..L-1."""
+    """--aux as given, else the format's default (2, L//2, L-3); three distinct ids in 0..L-1."""
     L = text_config(target.model).num_hidden_layers
     try:
         ids = tuple(int(x) for x in text.split(",")) if text else (2, L // 2, L - 3)
@@ -293,8 +296,8 @@ class Trainer:
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                      **({"fused": True} if dev.type == "cuda" else {}))
-        self.eval_batches = [take(self.eval_pool, np.arange(i, min(i + args.batch, len(self.eval_pool.lens_np))))
-                             for i in range(0, len(self.eval_pool.lens_np), args.batch)]
+        by_len = np.argsort(self.eval_pool.lens_np)  # short answers batched together: less padding
+        self.eval_batches = [take(self.eval_pool, by_len[i: i + args.batch]) for i in range(0, len(by_len), args.batch)]
         self.rng = np.random.default_rng(args.seed)
         self.curve: list[dict] = []
         self.best: tuple[float, int, dict] | None = None
@@ -358,7 +361,8 @@ def parse_args(argv=None):
     ap.add_argument("--aux", default=None, help="three target hidden_states ids, e.g. 2,8,13 (default: 2,L//2,L-3)")
     ap.add_argument("--draft-vocab", type=int, default=0, help="top-K answer tokens as draft vocabulary (0: all)")
     ap.add_argument("--prompts", type=int, default=16384, help="training prompts the target answers")
-    ap.add_argument("--sampled-frac", type=float, default=0.3, help="share of them answered by sampling at T=1")
+    ap.add_argument("--sampled-frac", type=float, default=0.3,
+                    help="share of the generate batches sampled at T=1 (the rest greedy)")
     ap.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts (answered greedily)")
     ap.add_argument("--max-new", type=int, default=160, help="longest answer generated")
     ap.add_argument("--gen-batch", type=int, default=1024)
