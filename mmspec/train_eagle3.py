@@ -10,6 +10,8 @@ answers (KL, restricted to the draft vocabulary and renormalised), with EAGLE-3'
 test: `unroll_batch` runs the head `--unroll` steps on its own states along the true continuation,
 depth j weighted 0.8**j. Per step one frozen target forward (no grad, bf16 autocast on CUDA) gives
 the aux hidden states and the teacher distributions of a padded batch; no host syncs except logging.
+LLaVA-family targets use 1-D positions; M-RoPE targets (Qwen2-VL) get every sequence's 3-D positions
+once, from the model's own rope index, for both the target pass and the head.
 Held-out prompts (`world.held_out_seeds`, answered greedily) measure top-1 agreement by depth every
 `--eval-every` steps; training stops at the time budget or when agreement stops improving
 (`--patience`), and the best head is saved with `save_mmspec_head` (loads with `--drafter`, exports
@@ -45,8 +47,11 @@ DEPTH_WEIGHT = 0.8  # EAGLE-3's loss weight of unroll depth j: DEPTH_WEIGHT ** j
 # Prompts and the target's answers
 
 
+PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor's other outputs are per image
+
+
 class Prompts(torch.utils.data.Dataset):
-    """World prompts through the target's own processor (any LLaVA-family target, any image size)."""
+    """World prompts through the target's own processor: ids, M-RoPE token types, per-image tensors."""
 
     def __init__(self, target, seeds: list[int]):
         self.proc, self.family, self.seeds = target.processor, target.family, seeds
@@ -62,35 +67,51 @@ class Prompts(torch.utils.data.Dataset):
         # As the target was trained: questions that need no image go without it half the time.
         with_image = qa.needs_image or random.Random(seed ^ 0x5EED).random() >= 0.5
         inputs = self.family.prefill_inputs(self.proc, img if with_image else None, qa.prompt)
-        return {"prompt": inputs["input_ids"][0].tolist(), "pv": inputs.get("pixel_values") if with_image else None}
+        types = inputs.get("mm_token_type_ids")
+        return {"prompt": inputs["input_ids"][0].tolist(), "types": None if types is None else types[0].tolist(),
+                "media": {k: v for k, v in inputs.items() if k not in PER_TOKEN} if with_image else {}}
 
 
 def _left_padded(items, pad: int):
-    """A generate() batch: prompts left-padded, pixel values of the rows with an image, in row order."""
+    """A generate() batch: prompts (and token types) left-padded, per-image tensors of the rows with an
+    image concatenated in row order."""
     L = max(len(it["prompt"]) for it in items)
     ids = torch.full((len(items), L), pad, dtype=torch.long)
     att = torch.zeros((len(items), L), dtype=torch.long)
+    types = torch.zeros((len(items), L), dtype=torch.long)
     for b, it in enumerate(items):
         ids[b, L - len(it["prompt"]):] = torch.tensor(it["prompt"])
         att[b, L - len(it["prompt"]):] = 1
-    pvs = [it["pv"] for it in items if it["pv"] is not None]
-    return items, ids, att, torch.cat(pvs) if pvs else None
+        types[b, L - len(it["prompt"]):] = torch.tensor(it["types"] or [0] * len(it["prompt"]))
+    inputs = {"input_ids": ids, "attention_mask": att}
+    if any(it["types"] is not None for it in items):
+        inputs["mm_token_type_ids"] = types
+    for k in {k for it in items for k in it["media"]}:
+        inputs[k] = torch.cat([it["media"][k] for it in items if it["media"]])
+    return items, inputs
 
 
 @torch.no_grad()
-def answer_batch(target, ids, att, pv, max_new: int, sample: bool) -> list[list[int]]:
-    """The target's answers (greedy, or sampled at T=1) up to and including eos."""
+def answer_batch(target, inputs: dict, max_new: int, sample: bool) -> list[list[int]]:
+    """The target's answers (greedy, or sampled at T=1) up to and including eos, cut before any image
+    or video placeholder token (a training forward would look for its features)."""
     dev, eos, pad = target.device, sorted(target.eos_ids), _pad_id(target)
+    c = target.model.config
+    media = {getattr(c, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")} - {None}
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     with autocast(dev):
-        out = target.model.generate(
-            input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new, eos_token_id=eos,
-            pad_token_id=pad, **({"pixel_values": pv.to(dev, target.dtype)} if pv is not None else {}), **kw)
+        out = target.model.generate(**_on_device(inputs, target), max_new_tokens=max_new, eos_token_id=eos,
+                                    pad_token_id=pad, **kw)
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
-        ends = [i for i, t in enumerate(row) if t in eos]
-        answers.append(row[: ends[0] + 1] if ends else row)
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        end = next((i + (t in eos) for i, t in enumerate(row) if t in eos or t in media), len(row))
+        answers.append(row[:end])
     return answers
+
+
+def _on_device(tensors: dict, target) -> dict:
+    """On the target's device; floating tensors (pixel values) in its dtype."""
+    return {k: v.to(target.device, target.dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
 def _pad_id(target) -> int:
@@ -106,32 +127,42 @@ class Pool:
     ids: torch.Tensor  # [N, Tmax]
     lens: torch.Tensor  # [N]
     P: torch.Tensor  # [N] prompt lengths
-    pv: torch.Tensor | None  # [N_img, C, H, W] pixel values of the rows with an image
+    media: dict[str, torch.Tensor]  # per-image processor outputs stacked [N_img, ...] (pixel values, grids)
+    pos: torch.Tensor | None  # [N, 3, Tmax] M-RoPE positions (None: 1-D, position = index)
     lens_np: np.ndarray
-    img_slot_np: np.ndarray  # [N] row of pv, -1 without an image
+    img_slot_np: np.ndarray  # [N] row of the media, -1 without an image
     sampled: int  # how many answers were sampled (the rest greedy)
 
 
 def make_pool(target, seeds: list[int], args, sampled_frac: float, deadline: float | None) -> Pool:
-    """Answer the prompts in batches (the last `sampled_frac` share sampled); stop early at `deadline`."""
-    workers = args.workers if args.workers is not None else (0 if target.device.type == "cpu" else min(8, (os.cpu_count() or 2) - 2))
+    """Answer the prompts in batches, a `sampled_frac` share of the batches sampled (spread out, so
+    that an early stop at `deadline` keeps the mix)."""
+    workers = args.workers
+    if workers is None:  # rendering and the processor run in workers while the GPU generates
+        workers = 0 if target.device.type == "cpu" else min(8, (os.cpu_count() or 2) - 2)
     loader = torch.utils.data.DataLoader(Prompts(target, seeds), batch_size=args.gen_batch, num_workers=workers,
                                          collate_fn=lambda items: _left_padded(items, _pad_id(target)))
-    n_greedy = len(seeds) - int(round(sampled_frac * len(seeds)))
     rows, done = [], 0
-    for items, ids, att, pv in loader:
-        answers = answer_batch(target, ids, att, pv, args.max_new, sample=done >= n_greedy)
-        if pv is not None:  # kept on the device in the target's dtype (fp32 host copies of 16k images: 8 GB)
-            sizes = [len(it["pv"]) for it in items if it["pv"] is not None]
-            rows_pv = iter(pv.to(target.device, target.dtype).split(sizes))
-            for it in items:
-                it["pv"] = next(rows_pv) if it["pv"] is not None else None
-        rows += [(it, a, done + k >= n_greedy) for k, (it, a) in enumerate(zip(items, answers))]
+    for k, (items, inputs) in enumerate(loader):
+        sample = round((k + 1) * sampled_frac) > round(k * sampled_frac)
+        answers = answer_batch(target, inputs, args.max_new, sample)
+        _media_to_device(items, inputs, target)
+        rows += [(it, a, sample) for it, a in zip(items, answers)]
         done += len(items)
         if deadline is not None and time.time() > deadline:
             log(f"[eagle3] pool: time share used after {done} of {len(seeds)} prompts")
             break
     return pack(rows, target, _pad_id(target))
+
+
+def _media_to_device(items, inputs: dict, target) -> None:
+    """Each item's per-image tensors become views of the batch's, on the device in the target's dtype
+    (fp32 host copies of 16k images would be 8 GB)."""
+    with_media = [it for it in items if it["media"]]
+    for k in with_media[0]["media"] if with_media else ():
+        parts = _on_device({k: inputs[k]}, target)[k].split([len(it["media"][k]) for it in with_media])
+        for it, part in zip(with_media, parts):
+            it["media"][k] = part
 
 
 def pack(rows, target, pad: int) -> Pool:
@@ -141,16 +172,38 @@ def pack(rows, target, pad: int) -> Pool:
         raise InputError("the target gave no answer of two tokens or more: nothing to train on")
     seqs = [it["prompt"] + a for it, a, _ in rows]
     ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
+    types = torch.zeros_like(ids)  # answers are text (type 0)
+    for i, (s, (it, _, _)) in enumerate(zip(seqs, rows)):
         ids[i, : len(s)] = torch.tensor(s)
-    pvs = [it["pv"] for it, _, _ in rows if it["pv"] is not None]
-    slots = np.cumsum([it["pv"] is not None for it, _, _ in rows]) - 1
-    slots[[it["pv"] is None for it, _, _ in rows]] = -1
+        types[i, : len(it["prompt"])] = torch.tensor(it["types"] or [0] * len(it["prompt"]))
+    imgs = [it["media"] for it, _, _ in rows if it["media"]]
+    if any(m[k].shape != imgs[0][k].shape for m in imgs for k in m):
+        raise InputError("training images must share one size (one processor output shape per image)")
+    media = {k: torch.stack([m[k] for m in imgs]) for k in (imgs[0] if imgs else ())}
+    slots = np.cumsum([bool(it["media"]) for it, _, _ in rows]) - 1
+    slots[[not it["media"] for it, _, _ in rows]] = -1
+    lens = torch.tensor([len(s) for s in seqs])
     dev = target.device
-    return Pool(ids.to(dev), torch.tensor([len(s) for s in seqs], device=dev),
-                torch.tensor([len(it["prompt"]) for it, _, _ in rows], device=dev),
-                torch.cat(pvs) if pvs else None, np.array([len(s) for s in seqs]), slots,
+    return Pool(ids.to(dev), lens.to(dev), torch.tensor([len(it["prompt"]) for it, _, _ in rows], device=dev),
+                media, mrope_positions(target, ids, lens, types, media), lens.numpy(), slots,
                 sum(s for _, _, s in rows))
+
+
+def mrope_positions(target, ids, lens, types, media) -> torch.Tensor | None:
+    """[N, 3, T] positions of every sequence for an M-RoPE target, computed once by the model's own
+    rope index (text after an image sits at index + delta on all axes); None for 1-D targets."""
+    tc = text_config(target.model)
+    rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+    if "mrope_section" not in rope:
+        return None
+    dev = target.device
+    att = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()
+    inputs = {"input_ids": ids.to(dev), "attention_mask": att.to(dev), "mm_token_type_ids": types.to(dev),
+              **{k: v.flatten(0, 1) for k, v in media.items() if not v.is_floating_point()}}  # the grids
+    pos = target.family.prefill_position_ids(target.model, inputs)
+    if pos is None:  # no image in the pool: every axis is the index
+        return torch.arange(ids.shape[1], device=dev).expand(len(ids), 3, -1)
+    return pos.permute(1, 0, 2).contiguous()
 
 
 def draft_vocabulary(pool: Pool, vocab: int, k: int) -> list[int]:
@@ -182,7 +235,8 @@ class Batch:
     ids: torch.Tensor  # [B, T]
     lens: torch.Tensor  # [B]
     P: torch.Tensor  # [B]
-    pv: torch.Tensor | None
+    media: dict[str, torch.Tensor]  # the processor's per-image inputs of the rows with an image
+    pos: torch.Tensor | None  # [B, 3, T] M-RoPE positions
 
 
 def take(pool: Pool, idx: np.ndarray) -> Batch:
@@ -190,16 +244,17 @@ def take(pool: Pool, idx: np.ndarray) -> Batch:
     T = min(pool.ids.shape[1], -(-int(pool.lens_np[idx].max()) // 16) * 16)
     rows = torch.from_numpy(idx).to(pool.ids.device, non_blocking=True)
     slots = pool.img_slot_np[idx]
-    slots = slots[slots >= 0]
-    pv = pool.pv[torch.from_numpy(slots).to(pool.ids.device, non_blocking=True)] if len(slots) else None
-    return Batch(pool.ids[rows, :T], pool.lens[rows], pool.P[rows], pv)
+    slots = torch.from_numpy(slots[slots >= 0]).to(pool.ids.device, non_blocking=True)
+    media = {k: v[slots].flatten(0, 1) for k, v in pool.media.items()} if len(slots) else {}
+    pos = pool.pos[rows, :, :T] if pool.pos is not None else None
+    return Batch(pool.ids[rows, :T], pool.lens[rows], pool.P[rows], media, pos)
 
 
 @torch.no_grad()
 def teacher(target, layers: tuple[int, ...], draft_ids: torch.Tensor, b: Batch):
     """One frozen target forward: aux features [B, T, 3*Ht] (lowest layer first), the teacher's
     log-probs over the draft vocabulary renormalised [B, T, Vd], and its greedy token [B, T]."""
-    kw = {"pixel_values": b.pv} if b.pv is not None else {}
+    kw = dict(b.media) if b.pos is None else {**b.media, "position_ids": b.pos.permute(1, 0, 2)}
     # No attention mask: with right padding the causal mask keeps every real position off the pads,
     # and a padding mask would cost a host sync (transformers checks whether it is all ones).
     with autocast(target.device):
@@ -222,7 +277,7 @@ def head_pass(head, target, layers, draft_ids, b: Batch, steps: int, pad: int):
     B, T = b.ids.shape
     n = T - 1  # entry p = (aux[p], token p + 1): the last position has no next token
     tokens = F.pad(b.ids, (0, steps - 1), value=pad)
-    pos = torch.arange(n, device=b.ids.device).expand(B, n)
+    pos = torch.arange(n, device=b.ids.device).expand(B, n) if b.pos is None else b.pos[..., :n]
     out = []
     with autocast(target.device):
         logits = unroll_batch(head, aux[:, :n], tokens, pos, steps)
@@ -268,7 +323,7 @@ def evaluate(head, target, layers, draft_ids, batches, steps, pad) -> dict:
 
 
 def aux_layers(target, text: str | None) -> tuple[int, ...]:
-    """--aux as given, else the format's default (2, L//2, L-3); three distinct ids in 1..L-1."""
+    """--aux as given, else the format's default (2, L//2, L-3); three distinct ids in 0..L-1."""
     L = text_config(target.model).num_hidden_layers
     try:
         ids = tuple(int(x) for x in text.split(",")) if text else (2, L // 2, L - 3)
@@ -293,8 +348,8 @@ class Trainer:
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                      **({"fused": True} if dev.type == "cuda" else {}))
-        self.eval_batches = [take(self.eval_pool, np.arange(i, min(i + args.batch, len(self.eval_pool.lens_np))))
-                             for i in range(0, len(self.eval_pool.lens_np), args.batch)]
+        by_len = np.argsort(self.eval_pool.lens_np)  # short answers batched together: less padding
+        self.eval_batches = [take(self.eval_pool, by_len[i: i + args.batch]) for i in range(0, len(by_len), args.batch)]
         self.rng = np.random.default_rng(args.seed)
         self.curve: list[dict] = []
         self.best: tuple[float, int, dict] | None = None
@@ -358,7 +413,8 @@ def parse_args(argv=None):
     ap.add_argument("--aux", default=None, help="three target hidden_states ids, e.g. 2,8,13 (default: 2,L//2,L-3)")
     ap.add_argument("--draft-vocab", type=int, default=0, help="top-K answer tokens as draft vocabulary (0: all)")
     ap.add_argument("--prompts", type=int, default=16384, help="training prompts the target answers")
-    ap.add_argument("--sampled-frac", type=float, default=0.3, help="share of them answered by sampling at T=1")
+    ap.add_argument("--sampled-frac", type=float, default=0.3,
+                    help="share of the generate batches sampled at T=1 (the rest greedy)")
     ap.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts (answered greedily)")
     ap.add_argument("--max-new", type=int, default=160, help="longest answer generated")
     ap.add_argument("--gen-batch", type=int, default=1024)
@@ -394,9 +450,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t_run = time.time()
     target = load_target(args.target, args.device)
-    if target.family.name != "llava":
-        raise InputError("train_eagle3 builds 1-D positions (LLaVA-family targets); M-RoPE heads load and draft "
-                         "but are not trained here yet")
     layers = aux_layers(target, args.aux)
     torch.manual_seed(args.seed)
     log(f"[eagle3] target {target.name} on {target.device} ({target.dtype}), aux layers {list(layers)}; "
