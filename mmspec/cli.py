@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -74,18 +75,24 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _quiet_libraries():
-    """Keep library chatter (transformers' progress bars and warnings) off stderr, whose contract is
-    one summary line or one error line; `python -W ...` still shows warnings when asked for."""
+    """Keep library chatter (progress bars, warnings, hub retry notices) off stderr, whose contract
+    is one summary line or one error line; `python -W ...` still shows warnings when asked for."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub", "accelerate")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             if not sys.warnoptions:
                 warnings.simplefilter("ignore")
             yield
     finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
 
