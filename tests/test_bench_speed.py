@@ -26,6 +26,7 @@ def _argv(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--dtype", "float32", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_speed_bench_tiny(speed, tiny_dir, tmp_path):
     out = tmp_path / "speed.json"
     methods = "engine:vanilla,hf:generate,hf:assisted,hf:prompt-lookup,engine:llava-draft,engine:ngram,engine:missing"

@@ -225,6 +225,7 @@ def trained_peaky(tiny_dir, tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 def test_smoke_training_lowers_the_loss(trained_peaky):
     out, res = trained_peaky
     for v in ("eagle", "pool2"):
@@ -271,6 +272,7 @@ def overfit(d, tgt, img, prompt, steps=80, n_seq=16):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,tree", [("eagle", "chain:3"), ("pool2", "dynamic:8,3,3")])
 def test_engine_sampling_matches_target_distribution(tiny_dir, variant, tree):
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)

@@ -153,6 +153,7 @@ def engine_pair_pvalue(tgt, drafter, tree: str, n: int, prompt="describe the ima
     return chi2_pvalue(counts, np.array([table[k] for k in keys])), accepted / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
 def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
@@ -162,6 +163,7 @@ def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     assert pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_fast_path_chain_sampling_matches_target_distribution(tiny_dir):
     """The static fast path drafts a chain on the device (Gumbel-max from host noise, no host
     round trip per token): still exactly the target's distribution."""
