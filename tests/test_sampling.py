@@ -81,6 +81,7 @@ def chi2_pvalue(counts, probs):
 SHAPES = ["chain:3", "static:[[0],[1],[2],[0,0],[0,1],[1,0],[0,0,0]]", "dynamic:8,3,3"]
 
 
+@pytest.mark.slow  # 4000 draws x 6 settings: 23-52 s each on a busy 2-core CPU
 @pytest.mark.parametrize("tree", SHAPES)
 @pytest.mark.parametrize("sampling", [Sampling(1.0, 1.0), Sampling(0.7, 0.9)])
 def test_tree_rejection_sampling_is_exact(tree, sampling):
