@@ -7,6 +7,7 @@ committed token except the last, which is fed as the root of the next step.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -24,6 +25,9 @@ from mmspec.tree import NO_TREE, Proposal, TreeSpec, parse_tree_spec, tree_atten
 from mmspec.verify import Sampling, score, token_probs, verify
 
 MAX_NEW_TOKENS_LIMIT = 4096
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 100.0
+TOP_P_MIN = 1e-6
+SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -48,13 +52,33 @@ class DecodeConfig:
         return self.tree if isinstance(self.tree, TreeSpec) else parse_tree_spec(self.tree)
 
     def check(self) -> None:
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InputError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
-        if self.temperature < 0:
-            raise InputError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InputError("top_p must be in (0, 1]")
+        """Refuse settings the decode loop cannot honour, with a message naming the accepted range.
+
+        Values may come from a CLI, an app or a shared trace: NaN, infinities, bools and
+        out-of-range ints must stop here, not as a NaN probability or a seed overflow mid-decode."""
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max_new_tokens must be an integer between 1 and {MAX_NEW_TOKENS_LIMIT}")
+        t = self.temperature
+        # Below TEMPERATURE_MIN, logits / T overflows to inf and the softmax is NaN; 0 means greedy.
+        if not _is_real(t) or not (t == 0 or TEMPERATURE_MIN <= t <= TEMPERATURE_MAX):
+            raise InputError(f"temperature must be 0 (greedy) or between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}")
+        if not _is_real(self.top_p) or not TOP_P_MIN <= self.top_p <= 1:
+            raise InputError(f"top_p must be between {TOP_P_MIN:g} and 1")
+        # torch.Generator.manual_seed takes a signed or unsigned 64-bit value; one range keeps it simple.
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise InputError("seed must be an integer with 0 <= seed < 2**63")
+        if not isinstance(self.tree, (str, TreeSpec)):
+            raise InputError(f"tree must be a tree spec string, got {type(self.tree).__name__}")
         self.tree_spec  # noqa: B018 - parse early for a clear error
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """A finite int or float (bools and strings are not numbers here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class _Timer:

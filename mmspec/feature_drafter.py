@@ -616,18 +616,11 @@ def save_feature_drafter(drafter: "FeatureDrafter", path: str | Path, extra: dic
 
 
 def load_feature_drafter(path: str | Path, target) -> "FeatureDrafter":
-    from safetensors.torch import load_file
-
     path = Path(path)
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path} is not a feature drafter: cannot read {META_FILE} ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}/{META_FILE} is not an mmspec feature-drafter file")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise InputError(f"{path} was written by a newer mmspec (format {meta.get('version')})")
-    want, have = meta.get("target", {}), target_fingerprint(target.model)
+    meta = _read_meta(path)
+    want, have = meta.get("target"), target_fingerprint(target.model)
+    if not isinstance(want, dict):
+        raise InputError(f"{path}/{META_FILE} has no 'target' object: cannot tell which target it was trained for")
     diff = [k for k in have if want.get(k) != have[k]]
     if diff:
         raise InputError(
@@ -635,20 +628,87 @@ def load_feature_drafter(path: str | Path, target) -> "FeatureDrafter":
             + ", ".join(f"{k} {want.get(k)!r} (this target: {have[k]!r})" for k in diff)
             + ". A feature drafter reads the target's hidden states and shares its LM head; use one trained for this target."
         )
-    raw = dict(meta["config"])
-    for k in ("fuse_layers", "dream_layers"):
-        raw[k] = tuple(raw.get(k, ()))
-    known = {f.name for f in fields(FeatConfig)}
-    cfg = FeatConfig(**{k: v for k, v in raw.items() if k in known})
-    net = FeatNet(cfg, Shared(target.model))
-    if not (path / WEIGHTS_FILE).exists():
+    cfg = _checked_config(meta.get("config"), target, path)
+    try:
+        net = FeatNet(cfg, Shared(target.model))
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot build a drafter from its config ({type(e).__name__}: {e})") from e
+    _load_weights(net, path)
+    net = net.to(target.device, target.dtype).eval()
+    return FeatureDrafter(net, target, name=str(meta.get("name") or path.name), meta=meta)
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"{path} is not a feature drafter: cannot read {META_FILE} ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{path}/{META_FILE} is not an mmspec feature-drafter file")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{path}/{META_FILE}: 'version' is not an integer")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{path} was written by a newer mmspec (format {version})")
+    return meta
+
+
+# Fields copied from the target when a drafter is made: a saved config must agree with this target.
+_TARGET_SIZED = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "target_layers_n", "vocab")
+# The largest architecture a saved config may ask for: a crafted file must not make the loader
+# allocate a thousand layers. (low, high) inclusive.
+_CONFIG_RANGES = {"n_layers": (1, 16), "flash": (1, 16), "queries": (0, 4096), "pool": (1, 64), "unroll": (1, 64)}
+_COMPRESS = ("none", "pool", "topk", "queries")
+
+
+def _checked_config(raw, target, path: Path) -> FeatConfig:
+    """The saved config as a FeatConfig, every field type- and range-checked against this target."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}/{META_FILE}: 'config' is not an object")
+    sized = make_config("eagle", target.model)  # this target's sizes; other fields at their defaults
+    values = {f.name: _checked_field(f.name, raw[f.name], getattr(sized, f.name), path)
+              for f in fields(FeatConfig) if f.name in raw}
+    cfg = replace(sized, **values)
+    for k in _TARGET_SIZED:
+        if getattr(cfg, k) != getattr(sized, k):
+            raise InputError(f"{path}: config {k}={getattr(cfg, k)} does not match this target's {getattr(sized, k)}")
+    for k, (lo, hi) in _CONFIG_RANGES.items():
+        if not lo <= getattr(cfg, k) <= hi:
+            raise InputError(f"{path}: config {k}={getattr(cfg, k)} is outside [{lo}, {hi}]")
+    L = cfg.target_layers_n
+    layers_ok = (all(0 <= i <= L for i in cfg.fuse_layers) and (len(cfg.fuse_layers) == 3 or not cfg.fuse3)
+                 and all(-L <= i < L for i in (*cfg.dream_layers, cfg.aasd_layer)) and len(cfg.dream_layers) <= L
+                 and -1 <= cfg.dream_super < L and (len(cfg.dream_layers) > 0 or not cfg.dream))
+    if not layers_ok or cfg.compress not in _COMPRESS or not 0 < cfg.topk_keep <= 1:
+        raise InputError(f"{path}: config names target layers or options this target does not have")
+    return cfg
+
+
+def _checked_field(name: str, value, default, path: Path):
+    """`value` if it has the type of `default` (JSON lists become tuples), else an InputError."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+        ok = all(type(x) is int for x in value)
+    elif isinstance(default, float):
+        ok = type(value) in (int, float) and math.isfinite(value)
+    else:  # bool, int and str must match exactly (True is not a layer count)
+        ok = type(value) is type(default)
+    if not ok:
+        raise InputError(f"{path}: config field {name} has a value of the wrong type ({str(value)[:40]})")
+    return value
+
+
+def _load_weights(net: "FeatNet", path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not (path / WEIGHTS_FILE).is_file():
         raise InputError(f"{path} lacks {WEIGHTS_FILE}")
-    state = load_file(str(path / WEIGHTS_FILE))
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error on a damaged file; torch's on a shape mismatch
+        raise InputError(f"{path}/{WEIGHTS_FILE} cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from e
     if missing or unexpected:
         raise InputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    net = net.to(target.device, target.dtype).eval()
-    return FeatureDrafter(net, target, name=meta.get("name") or path.name, meta=meta)
 
 
 def is_feature_drafter(path) -> bool:

@@ -23,6 +23,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TARGET = ASSETS / "models" / "mmspec-target"
 MAX_IMAGE_SIDE = 2048  # larger images are downscaled (aspect kept) before the processor sees them
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_IMAGE_PIXELS = 64 * 10**6  # refused before decoding: a 64-megapixel RGB image is ~190 MB in memory
 
 
 @dataclass
@@ -44,11 +45,22 @@ class Target:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """cpu, cuda or cuda:N (N a GPU this machine has); anything else is refused here, not deep in torch."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but this machine has no CUDA GPU")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"unknown device {str(device)[:60]!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise InputError(f"device {str(device)[:60]!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device} asked for, but this machine has no CUDA GPU")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -57,14 +69,20 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
+        raise InputError(f"unknown dtype {str(dtype)[:60]!r}: use one of {', '.join(table)}")
     return table[dtype]
 
 
 def _where(name: str) -> str:
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
+    try:
+        path = Path(name).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, an unknown ~user
+        raise InputError(f"{str(name)[:80]!r} is not a usable model path or hub id ({type(e).__name__})") from e
+    if exists:
+        if not path.is_dir():
+            raise InputError(f"{name} is a file; a model is a directory written by save_pretrained")
+        if not (path / "config.json").is_file():
             raise InputError(f"{name} is a directory without config.json: not a save_pretrained model")
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
@@ -183,23 +201,35 @@ def load_image(image: str | Path | Image.Image | None) -> Image.Image:
     if image is None:
         raise InputError("no image given")
     if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"image {path} does not exist")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise InputError(f"image {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"{path} is not a readable image ({e})") from e
-        except Image.DecompressionBombError as e:
-            raise InputError(f"{path} has too many pixels to open safely ({e})") from e
+        image = _read_image(Path(image))
     image = image.convert("RGB")
     if max(image.size) > MAX_IMAGE_SIDE:
         scale = MAX_IMAGE_SIDE / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
     return image
+
+
+def _read_image(path: Path) -> Image.Image:
+    """Decode a user's file, refusing what is not a regular file, too big on disk or in pixels."""
+    try:
+        if not path.is_file():
+            raise InputError(f"image {str(path)[:200]} does not exist or is not a regular file")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise InputError(f"image {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        with Image.open(path) as im:
+            # The header gives the size: a small file may declare billions of pixels (a decompression bomb).
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"image {path} has {im.width}x{im.height} pixels; the limit is "
+                                 f"{MAX_IMAGE_PIXELS // 10**6} million")
+            return im.convert("RGB")
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path} has too many pixels to open safely ({e})") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path} is not a readable image ({e})") from e
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types (SyntaxError, ValueError, ...) on damaged files
+        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e})") from e
 
 
 def same_tokenizer(a, b) -> bool:

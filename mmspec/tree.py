@@ -67,39 +67,74 @@ class TreeSpec:
 NO_TREE = TreeSpec("none")
 
 
+# Limits on every tree shape, stated to users and checked before any work: growth and verification
+# cost grows with nodes and depth, and a spec may come from an untrusted file or request.
+MAX_TREE_NODES = 512
+MAX_TREE_DEPTH = 32
+MAX_TREE_TOPK = 64
+MAX_CHAIN = 64
+MAX_STATIC_BYTES = 256 * 1024  # a static tree within the limits is far smaller as JSON
+
+
 def parse_tree_spec(text: str) -> TreeSpec:
     """Parse `chain:K`, `dynamic:BUDGET,DEPTH,TOPK`, `static:FILE` (JSON list of paths) or `static:[[0],[1]]`."""
+    if not isinstance(text, str):
+        raise InputError(f"a tree spec must be text such as chain:4, got {type(text).__name__}")
     kind, _, arg = text.strip().partition(":")
     try:
         if kind == "chain":
             k = int(arg)
-            if not 1 <= k <= 64:
-                raise InputError("chain length must be between 1 and 64")
+            if not 1 <= k <= MAX_CHAIN:
+                raise InputError(f"chain length must be between 1 and {MAX_CHAIN}")
             return TreeSpec("chain", depth=k)
         if kind == "dynamic":
             budget, depth, topk = (int(x) for x in arg.split(","))
-            if not (1 <= budget <= 512 and 1 <= depth <= 32 and 1 <= topk <= 64):
-                raise InputError("dynamic tree wants 1<=BUDGET<=512, 1<=DEPTH<=32, 1<=TOPK<=64")
+            if not (1 <= budget <= MAX_TREE_NODES and 1 <= depth <= MAX_TREE_DEPTH and 1 <= topk <= MAX_TREE_TOPK):
+                raise InputError(f"dynamic tree wants 1<=BUDGET<={MAX_TREE_NODES}, 1<=DEPTH<={MAX_TREE_DEPTH}, "
+                                 f"1<=TOPK<={MAX_TREE_TOPK}")
             return TreeSpec("dynamic", depth=depth, topk=topk, budget=budget)
         if kind == "static":
-            raw = arg if arg.lstrip().startswith("[") else Path(arg).read_text()
+            raw = arg if arg.lstrip().startswith("[") else _read_static_file(arg)
+            if len(raw) > MAX_STATIC_BYTES:
+                raise InputError(f"static tree text is over {MAX_STATIC_BYTES // 1024} KB; a tree within the "
+                                 f"limits ({MAX_TREE_NODES} nodes, depth {MAX_TREE_DEPTH}) is far smaller")
             return static_spec(json.loads(raw))
         if kind in ("none", "vanilla"):
             return NO_TREE
     except InputError:
         raise
-    except (ValueError, OSError, TypeError) as e:
-        raise InputError(f"cannot parse tree spec {text!r}: {e}") from e
-    raise InputError(f"unknown tree spec {text!r}: use chain:K, dynamic:BUDGET,DEPTH,TOPK or static:FILE")
+    except (ValueError, OSError, TypeError, RecursionError) as e:  # RecursionError: JSON nested 100k deep
+        raise InputError(f"cannot parse tree spec {text[:80]!r}: {type(e).__name__}: {str(e)[:200]}") from e
+    raise InputError(f"unknown tree spec {text[:80]!r}: use chain:K, dynamic:BUDGET,DEPTH,TOPK or static:FILE")
+
+
+def _read_static_file(name: str) -> str:
+    """The file's text, reading at most one byte past the limit (a FIFO or /dev/zero must not hang)."""
+    path = Path(name)
+    if not path.is_file():
+        raise InputError(f"static tree file {name} does not exist or is not a regular file")
+    with path.open("rb") as f:
+        return f.read(MAX_STATIC_BYTES + 1).decode("utf-8")
+
+
+def _rank_path(p) -> tuple[int, ...]:
+    """One path of child ranks, type- and range-checked (JSON may hold floats, strings, infinities)."""
+    if not isinstance(p, list) or len(p) > MAX_TREE_DEPTH:
+        raise InputError(f"each static tree path must be a list of at most {MAX_TREE_DEPTH} ranks")
+    for r in p:
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < MAX_TREE_TOPK:
+            raise InputError(f"static tree ranks must be integers in [0, {MAX_TREE_TOPK}), got {repr(r)[:40]}")
+    return tuple(p)
 
 
 def static_spec(paths: list[list[int]]) -> TreeSpec:
     """Validate a list of rank paths: every prefix of a path must itself be a path."""
-    norm = sorted({tuple(int(r) for r in p) for p in paths if len(p) > 0}, key=lambda p: (len(p), p))
+    # Sizes first, so that a huge list is refused before any per-path work.
+    if not isinstance(paths, list) or len(paths) > MAX_TREE_NODES:
+        raise InputError(f"a static tree is a JSON list of at most {MAX_TREE_NODES} paths, e.g. [[0], [1], [0, 0]]")
+    norm = sorted({_rank_path(p) for p in paths if p != []}, key=lambda p: (len(p), p))
     have = set(norm)
     for p in norm:
-        if min(p) < 0:
-            raise InputError(f"static tree path {list(p)} has a negative rank")
         if len(p) > 1 and p[:-1] not in have:
             raise InputError(f"static tree path {list(p)} lacks its parent {list(p[:-1])}")
         # Sampling draws siblings in rank order without replacement; a gap would break losslessness.

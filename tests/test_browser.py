@@ -23,15 +23,20 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# Waits are generous: on a busy 2-core CI machine a page or a tiny-model run can take far longer than
+# on an idle one, and a tight wait there fails the suite for nothing.
+WAIT_MS = 120_000
+RUN_MS = 300_000
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium to run the browser test)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+sync_api.expect.set_options(timeout=WAIT_MS)
 
 import app  # noqa: E402
 from test_app import free_port, make_examples, tiny_demo  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*:Warning:gradio")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*:Warning:gradio"), pytest.mark.slow]
 
 
 def save_artifact(page, name: str, tmp_path: Path, env_path: str | None = None, full_page: bool = True) -> Path:
@@ -61,8 +66,8 @@ def serve(demo):
 
 def run_example(page, url: str, timeout_ms: int, tree: bool = False) -> None:
     expect = sync_api.expect
-    page.goto(url)
-    page.wait_for_selector("#mmspec-run", timeout=30_000)
+    page.goto(url, timeout=WAIT_MS)
+    page.wait_for_selector("#mmspec-run", timeout=WAIT_MS)
     page.locator("[data-testid=dataset-cell-0-0]").first.click()  # the first example (image + prompt)
     expect(page.locator("img").first).to_be_visible()
     if tree:
@@ -82,7 +87,7 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
         page.on("pageerror", lambda e: errors.append(str(e)))
         expect = sync_api.expect
         # the target's own weights as the drafter: accepted tokens and bonus tokens; then a tree shape
-        run_example(page, url, timeout_ms=90_000)
+        run_example(page, url, timeout_ms=RUN_MS)
         spec = page.locator("#mmspec-spec-pane .tok")
         expect(spec.first).to_be_visible()
         assert page.locator("#mmspec-spec-pane .tok-accepted").count() > 0
@@ -98,8 +103,8 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
         drafter.press("Enter")
         page.locator("label:has-text('tree (dynamic)')").click()
         page.locator("#mmspec-run").click()
-        expect(page.locator("#mmspec-status")).to_contain_text("(random, dynamic:", timeout=90_000)
-        expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=90_000)
+        expect(page.locator("#mmspec-status")).to_contain_text("(random, dynamic:", timeout=RUN_MS)
+        expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=RUN_MS)
         rejected = page.locator("#mmspec-spec-pane .tok-rejected")
         assert rejected.count() > 0
         expect(rejected.first).to_be_hidden()
@@ -110,12 +115,12 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
 
         page.locator("#mmspec-prompt textarea").fill("")
         page.locator("#mmspec-run").click()
-        expect(page.locator("#mmspec-status")).to_contain_text("prompt is empty", timeout=30_000)
+        expect(page.locator("#mmspec-status")).to_contain_text("prompt is empty", timeout=WAIT_MS)
 
         # the saved benchmark figures: drawn by plotly, the projection captioned as one
         page.get_by_role("tab", name="Benchmarks").click()
         expect(page.get_by_text("Projection, not a measurement")).to_be_visible()
-        expect(page.locator("#mmspec-bench .js-plotly-plot").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#mmspec-bench .js-plotly-plot").first).to_be_visible(timeout=WAIT_MS)
         assert page.locator("#mmspec-bench .js-plotly-plot").count() >= 2
         save_artifact(page, "browser-benchmarks.png", tmp_path)
         assert not errors, errors

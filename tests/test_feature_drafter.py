@@ -256,6 +256,7 @@ def trained_peaky(tiny_dir, tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 def test_smoke_training_lowers_the_loss(trained_peaky):
     out, res = trained_peaky
     for v in ("eagle", "pool2"):
@@ -302,6 +303,7 @@ def overfit(d, tgt, img, prompt, steps=80, n_seq=16):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,tree,static", [("eagle", "chain:3", None), ("pool2", "dynamic:8,3,3", None),
                                                  ("eagle", "chain:3", True), ("eagle", "dynamic:8,3,3", True)])
 # static=True: the fast path, whose chains and trees draw their Gumbel noise on the device

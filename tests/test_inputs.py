@@ -82,6 +82,7 @@ def _cli(*args):
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_json_and_trace(tiny_dir, tmp_path):
     img = tmp_path / "img.png"
     image(2).save(img)

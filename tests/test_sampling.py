@@ -81,6 +81,7 @@ def chi2_pvalue(counts, probs):
 SHAPES = ["chain:3", "static:[[0],[1],[2],[0,0],[0,1],[1,0],[0,0,0]]", "dynamic:8,3,3"]
 
 
+@pytest.mark.slow  # 4000 draws x 6 settings: 23-52 s each on a busy 2-core CPU
 @pytest.mark.parametrize("tree", SHAPES)
 @pytest.mark.parametrize("sampling", [Sampling(1.0, 1.0), Sampling(0.7, 0.9)])
 def test_tree_rejection_sampling_is_exact(tree, sampling):
@@ -153,6 +154,7 @@ def engine_pair_pvalue(tgt, drafter, tree: str, n: int, prompt="describe the ima
     return chi2_pvalue(counts, np.array([table[k] for k in keys])), accepted / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
 def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     tgt = load_target(str(tiny_dir / "llava-peaky"), DEVICE, DTYPE)
@@ -162,6 +164,7 @@ def test_engine_sampling_matches_target_distribution(tiny_dir, tree):
     assert pvalue > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
 def test_fast_path_sampling_matches_target_distribution(tiny_dir, tree):
     """The static fast path drafts chains and dynamic trees on the device (Gumbel-max / Gumbel-top-k

@@ -7,6 +7,8 @@ import torch
 from mmspec import train
 from mmspec.world import build_messages, format_answer, format_prompt, sample_example
 
+pytestmark = pytest.mark.slow  # every test shares a CPU training run of the target and both drafters
+
 
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
