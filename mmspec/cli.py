@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about an image, with a drafter")
     g.add_argument("--target", default=None, help="model directory or hub id (default: the embedded model in assets/)")
     g.add_argument("--drafter", default=None, help="vanilla, ngram, random, or a draft model directory / hub id "
-                   "(default: the fastest method measured on a GPU, assets/default_method.json)")
+                   "(default: for the embedded target the fastest method measured on a GPU, "
+                   "assets/default_method.json; else ngram)")
     g.add_argument("--image", default=None, help="image file (optional for text-only prompts)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_defaults(args) -> None:
-    """No --drafter: the fastest method measured on a GPU (and its shape, unless --tree is given)."""
-    from mmspec.defaults import default_method
+    """No --drafter: with the embedded target, the fastest method measured for it on a GPU (and its
+    shape, unless --tree is given); with another target, the n-gram drafter (it needs no model)."""
+    from mmspec.defaults import FALLBACK, default_method
 
     if args.drafter is None:
-        best = default_method()
-        args.drafter, args.tree = best.drafter, args.tree or best.tree
+        best = default_method() if args.target is None else None
+        args.drafter, tree = (best.drafter, best.tree) if best else FALLBACK
+        args.tree = args.tree or tree
     args.tree = args.tree or "chain:4"
 
 

@@ -49,3 +49,7 @@ def test_cli_without_drafter_uses_the_recorded_default(monkeypatch):
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--drafter", "random"])
     cli._with_defaults(args)
     assert (args.drafter, args.tree) == ("random", "chain:4")
+    # The recorded default was measured for the embedded target: another target gets n-gram.
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--target", "some/dir"])
+    cli._with_defaults(args)
+    assert (args.drafter, args.tree) == FALLBACK
