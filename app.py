@@ -351,8 +351,9 @@ def step_markdown(gen, index: int) -> str:
     s = gen.steps[max(0, min(index, len(gen.steps) - 1))]
     committed = "".join(s.new_texts)
     nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
-    return (f"**Step {s.index}** of {len(gen.steps) - 1} ({s.kind}) · drafted **{len(s.tree)}** · accepted "
-            f"**{len(s.accepted)}** · then {nk} · committed `{html.escape(tokens.visible_text(committed))}` · "
+    esc = tokens.esc
+    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · accepted "
+            f"**{len(s.accepted)}** · then {esc(nk)} · committed <code>{esc(tokens.visible_text(committed))}</code> · "
             f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")
 
 
@@ -763,7 +764,7 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
             runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, bundle.speculative, source="trace"))
             g = bundle.main
             what = "vanilla and speculative runs" if bundle.vanilla and bundle.speculative else f"a {g.mode} run"
-            status = (f"✓ Trace loaded: {what} of {_short_name(g.config.get('target', '?'))}, "
+            status = (f"✓ Trace loaded: {what} of {tokens.esc(_short_name(g.config.get('target', '?')))}, "
                       f"{g.stats.new_tokens} tokens; replaying it (no model used).")
             return {**all_views(ui, bundle, runs, save_bundle(bundle)), ui.status: status, bundle_state: bundle,
                     race_go: True, runs_state: runs}

@@ -10,13 +10,11 @@ node status in `customdata`; the trace "accepted path" holds the root and the ac
 """
 from __future__ import annotations
 
-import html
-
 import plotly.graph_objects as go
 
 from mmspec.trace import Generation, StepRecord
 from viz.style import BLUE, FONT_COLOUR, GREEN, GREY, ORANGE, RED, empty_figure, style_figure
-from viz.tokens import token_vocab, visible_text
+from viz.tokens import esc, token_vocab, visible_text
 
 STATUS_LABEL = {
     "root": "root (last committed token)",
@@ -123,27 +121,27 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
                                      showlegend=False, name=f"edges {k}"))
 
     # node boxes (annotations) and an invisible hover layer ("nodes")
-    hover = [f"<b>root</b>: {html.escape(visible_text(prev_text))}<br>{STATUS_LABEL['root']}"]
-    labels = [f"{html.escape(_short(prev_text))}"]
+    hover = [f"<b>root</b>: {esc(visible_text(prev_text))}<br>{STATUS_LABEL['root']}"]
+    labels = [f"{esc(_short(prev_text))}"]
     for i in range(n):
         tok_txt = step.node_texts[i] if i < len(step.node_texts) else str(tree.tokens[i])
         q = tree.draft_probs[i]
         p = step.target_probs[i] if i < len(step.target_probs) else None
         want_id = step.target_tokens[i] if i < len(step.target_tokens) else None
         want = vocab.get(want_id, f"#{want_id}") if want_id is not None else None
-        lines = [f"<b>{html.escape(visible_text(tok_txt))}</b> (id {tree.tokens[i]}) · depth {tree.depths[i]}",
+        lines = [f"<b>{esc(visible_text(tok_txt))}</b> (id {esc(tree.tokens[i])}) · depth {esc(tree.depths[i])}",
                  STATUS_LABEL[status[i]], f"draft q = {q:.3f}"]
         if p is not None:
             lines.append(f"target p = {p:.3f} · min(1, p/q) = {_ratio(p, q)}")
         if want is not None:
-            lines.append(f"target's top token here: {html.escape(visible_text(want))}")
+            lines.append(f"target's top token here: {esc(visible_text(want))}")
         hover.append("<br>".join(lines))
-        label = html.escape(_short(tok_txt))
+        label = esc(_short(tok_txt))
         if status[i] == "rejected":
             label = f"<s>{label}</s>"
         label += f"<br><span style='font-size:10px'>q {q:.2f}</span>"
         if status[i] == "rejected" and want_id is not None and want_id != tree.tokens[i]:
-            label += f"<br><span style='font-size:10px'>target: {html.escape(_short(want, 10))}</span>"
+            label += f"<br><span style='font-size:10px'>target: {esc(_short(want, 10))}</span>"
         labels.append(label)
     node_status_all = ["root"] + status
     fig.add_trace(go.Scatter(
@@ -170,10 +168,10 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
     if has_next:
         nt = step.new_texts[len(step.accepted)]
         colour = {"bonus": BLUE, "correction": ORANGE, "target": FONT_COLOUR}[next_kind]
-        label = html.escape(_short(nt))
+        label = esc(_short(nt))
         label = f"<u>{label}</u>" if next_kind == "bonus" else label
         label += f"<br><span style='font-size:10px'>{next_kind}</span>"
-        nhover = f"<b>{html.escape(visible_text(nt))}</b> (id {step.next_token})<br>{STATUS_LABEL[next_kind]}"
+        nhover = f"<b>{esc(visible_text(nt))}</b> (id {esc(step.next_token)})<br>{STATUS_LABEL[next_kind]}"
         fig.add_trace(go.Scatter(x=[xs[n + 1]], y=[ys[n + 1]], mode="markers", name="next token",
                                  marker=dict(size=30, color="rgba(0,0,0,0)", symbol="square"),
                                  customdata=[next_kind], hovertext=[nhover], hoverinfo="text", showlegend=False))
@@ -183,12 +181,12 @@ def tree_figure(gen: Generation, step_index: int, vocab: dict[int, str] | None =
     rows = max(1, int(round(-min(ys))) + 1)
     max_x = max(xs)
     if step.kind == "prefill":
-        title = f"Step {step.index}: prefill: the prompt forward gives the first token"
+        title = f"Step {esc(step.index)}: prefill: the prompt forward gives the first token"
     elif n == 0:
-        title = f"Step {step.index}: nothing drafted, the target adds one token"
+        title = f"Step {esc(step.index)}: nothing drafted, the target adds one token"
     else:
         extra = {"bonus": "+ bonus", "correction": "+ correction", "target": "+ target token"}[next_kind]
-        title = (f"Step {step.index}: drafted {n} token{'s' if n != 1 else ''}, accepted {len(step.accepted)} "
+        title = (f"Step {esc(step.index)}: drafted {n} token{'s' if n != 1 else ''}, accepted {len(step.accepted)} "
                  f"{extra} → {len(step.new_tokens)} committed")
     fig.update_xaxes(tickmode="array", tickvals=list(range(max_x + 1)),
                      ticktext=["root"] + [f"depth {d}" for d in range(1, max_x + 1)],
