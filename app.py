@@ -7,7 +7,8 @@ internals, a session summary and trace export/replay.
 Configuration (all optional): MMSPEC_TARGET (model dir or hub id), MMSPEC_DRAFTERS (comma-separated
 model dirs / hub ids added to the drafter list), MMSPEC_EXAMPLES (a folder with examples.json),
 MMSPEC_MAX_NEW_TOKENS (UI limit), MMSPEC_QUEUE_SIZE; MMSPEC_PUBLIC=1 (or a Space's SPACE_ID) turns on
-public mode (webui/policy.py: listed models only, tighter limits, MMSPEC_PUBLIC_PAIRS). Tests call `build_demo(...)` with tiny models instead.
+public mode (webui/policy.py: listed models only, tighter limits, MMSPEC_PUBLIC_PAIRS).
+Tests call `build_demo(...)` with tiny models instead.
 
 The engine (mmspec/) knows nothing of Gradio and viz/ turns traces into figures and HTML; this file
 only wires them. Timing is honest: vanilla and speculative runs are measured one after the other
@@ -241,8 +242,9 @@ def step_markdown(gen, index: int) -> str:
     committed = "".join(s.new_texts)
     nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
     esc = tokens.esc
-    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · accepted "
-            f"**{len(s.accepted)}** · then {esc(nk)} · committed <code>{esc(tokens.visible_text(committed))}</code> · "
+    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · "
+            f"accepted **{len(s.accepted)}** · then {esc(nk)} · "
+            f"committed <code>{esc(tokens.visible_text(committed))}</code> · "
             f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")
 
 
@@ -539,7 +541,8 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                             "here without any model.")
                 with gr.Row():
                     ui.trace_file = gr.File(label="trace of the last run (JSON)", interactive=False)
-                    ui.trace_upload = gr.File(label="replay a trace", file_types=[".json"], type="filepath")
+                    ui.trace_upload = gr.File(label="replay a trace", file_types=[".json"], type="filepath",
+                                              elem_id="mmspec-trace-upload")
 
         bundle_state = gr.State(None)
         race_go = gr.State(False)

@@ -30,6 +30,16 @@ def real_race(tiny_dir: Path, max_new_tokens: int = 16) -> dict:
     return traceio.pack(traceio.Bundle(van, spec, img, {5: "five"}))
 
 
+def diverged(race: dict) -> dict:
+    """A copy whose speculative output differs from vanilla's at its last token (the diff view draws)."""
+    out = copy.deepcopy(race)
+    spec = out["speculative"]
+    last = next(s for s in reversed(spec["steps"]) if s["new_tokens"])
+    new = (last["new_tokens"][-1] + 1) % 300
+    last["new_tokens"][-1] = spec["token_ids"][-1] = new
+    return out
+
+
 def poisoned(race: dict, payload: str) -> dict:
     """A copy with `payload` put into every free-text string and free-form key (iteratively)."""
     out = copy.deepcopy(race)

@@ -143,3 +143,20 @@ def test_one_cache_entry_per_model_directory(tiny_dir, tmp_path):
     cache.drafter(str(tiny_dir / "llava-peaky-draft"), target)
     assert len(cache.drafters) == 2  # bounded: least recently used dropped
     assert cache.drafter("ngram", target) is not cache.drafter("ngram", target)  # model-free: made fresh
+
+
+def test_image_limits(dirs):
+    """Pixels are counted from the header, before decoding; bytes from the file size."""
+    from PIL import Image
+
+    upload, _ = dirs
+    big = upload / "big.png"
+    Image.new("L", (5000, 4000)).save(big)  # 20 MP, a few KB on disk
+    img = {"path": str(big), "meta": META}
+    with pytest.raises(InputError, match="megapixels"):
+        parse_request(rules(True, str(upload)), img, "hi", "/models/target", "ngram", **ARGS)
+    heavy = upload / "heavy.png"
+    heavy.write_bytes(b"\0" * (9 * 2**20))
+    with pytest.raises(InputError, match="the limit is 8 MB"):
+        parse_request(rules(True, str(upload)), {"path": str(heavy), "meta": META}, "hi", "/models/target", "ngram",
+                      **ARGS)

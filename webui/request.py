@@ -102,7 +102,8 @@ def open_image(path: str, limits: Limits) -> tuple[Image.Image, str]:
     """The image (downscaled past MAX_IMAGE_SIDE, with a note), refused past the byte / pixel limits."""
     size_bytes = Path(path).stat().st_size
     if size_bytes > limits.max_image_bytes:
-        raise InputError(f"The image has {size_bytes / 2**20:.1f} MB; the limit is {limits.max_image_bytes / 2**20:g} MB.")
+        raise InputError(f"The image has {size_bytes / 2**20:.1f} MB; "
+                         f"the limit is {limits.max_image_bytes / 2**20:g} MB.")
     try:
         with Image.open(path) as im:  # reads the header only
             size = im.size
@@ -118,7 +119,8 @@ def open_image(path: str, limits: Limits) -> tuple[Image.Image, str]:
         raise InputError(f"That file is not a readable image ({type(e).__name__}).") from e
     note = ""
     if img.size != size:
-        note = f"image downscaled from {size[0]}×{size[1]} to {img.width}×{img.height} (limit {MAX_IMAGE_SIDE} px per side)"
+        note = (f"image downscaled from {size[0]}×{size[1]} to {img.width}×{img.height} "
+                f"(limit {MAX_IMAGE_SIDE} px per side)")
     return img, note
 
 
