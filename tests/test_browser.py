@@ -144,30 +144,35 @@ def test_crafted_traces_run_no_script(tiny_dir, tmp_path, browser):
     import crafted
 
     race = crafted.diverged(crafted.real_race(tiny_dir))
-    files = [crafted.write(tmp_path / f"poisoned-{i}.json", crafted.poisoned(race, p))
+    cases = [(crafted.write(tmp_path / f"poisoned-{i}.json", crafted.poisoned(race, p)), p)
              for i, p in enumerate(crafted.PAYLOADS)]
     numeric = crafted.poisoned(race, crafted.PAYLOADS[0])
     numeric["speculative"]["steps"][1]["tree"]["depths"][0] = crafted.PAYLOADS[0]
     numeric["vanilla"]["steps"][1]["index"] = crafted.PAYLOADS[0]
     numeric["vanilla"]["token_ids"][0] = crafted.PAYLOADS[0]
-    files.append(crafted.write(tmp_path / "numeric.json", numeric))
+    cases.append((crafted.write(tmp_path / "numeric.json", numeric), None))  # refused: nothing drawn
     demo = tiny_demo(tiny_dir, make_examples(tmp_path / "examples"))
     expect = sync_api.expect
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         dialogs: list[str] = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(serve(demo))
-        page.wait_for_selector("#mmspec-run", timeout=30_000)
-        for path in files:
+        url = serve(demo)
+        for path, payload in cases:
+            page.goto(url)  # a fresh page: the upload box holds one file
+            page.wait_for_selector("#mmspec-run", timeout=30_000)
             page.get_by_role("tab", name="Trace").click()
             page.locator("#mmspec-trace-upload input[type=file]").set_input_files(str(path))
-            want = "malformed" if path.name == "numeric.json" else "Trace loaded"
-            expect(page.locator("#mmspec-status")).to_contain_text(want, timeout=60_000)
+            expect(page.locator("#mmspec-status")).to_contain_text("Trace loaded" if payload else "malformed",
+                                                                   timeout=60_000)
             for tab in ("Step inspector", "Vanilla vs speculative", "Drafter internals", "Session runs"):
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(300)
-            page.locator("#mmspec-spec-pane .tok").first.hover()
+            if payload:
+                expect(page.locator(".mmspec-diff")).to_contain_text("differs at token")
+                page.locator("#mmspec-spec-pane .tok").first.hover()
+                spec_text = page.locator("#mmspec-spec-pane").inner_text()
+                assert payload in spec_text and "&lt;" not in spec_text  # shown as text, escaped exactly once
             page.wait_for_timeout(500)
             injected = page.evaluate("""() => ({
                 flag: window.__mmspec_xss === undefined ? null : window.__mmspec_xss,
@@ -177,10 +182,6 @@ def test_crafted_traces_run_no_script(tiny_dir, tmp_path, browser):
             })""")
             assert injected == {"flag": None, "handlers": 0, "imgs": 0, "scripts": 0}, (path.name, injected)
         assert not dialogs
-        spec_text = page.locator("#mmspec-spec-pane").inner_text()
-        assert "<svg onload=" in spec_text and "&lt;" not in spec_text  # shown as text, escaped exactly once
-        page.get_by_role("tab", name="Vanilla vs speculative").click()
-        assert "differs at token" in page.locator(".mmspec-diff").inner_text()
     finally:
         demo.close()
 
