@@ -217,3 +217,20 @@ def test_unknown_session_stop_adds_nothing(served):
         client.session_hash = f"fresh-{i}"
         assert client.predict(api_name="/stop") == "Stopped."
     assert len(app.RUNS) == 0
+
+
+def test_replays_one_at_a_time_per_session(served, tmp_path):
+    """20 replays fired at once from one session: one plays, the rest are turned away at once (60 of
+    them used to play together and slow every other visitor down)."""
+    client, tiny, examples = served
+    _, res = run(client, handle_file(str(examples / "noise.png")), target=str(tiny / "llava"), drafter="ngram",
+                 max_tokens=8, seed=5)
+    assert res[STATUS].startswith("✓")
+    time.sleep(2.5)  # the race after the run ends (race_max_s = 2)
+    jobs = [client.submit(api_name="/replay_race") for _ in range(20)]
+    for job in jobs:
+        job.result()
+    frames = [len(job.outputs()) for job in jobs]
+    played = [n for n in frames if n > 1]
+    print(f"frames per replay: {frames}")
+    assert 1 <= len(played) <= 3 and frames.count(1) >= 15, frames
