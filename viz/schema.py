@@ -199,16 +199,22 @@ def check_accepted(acc: Any, parents: list[int], where: str) -> None:
 
 
 def check_visual_map(vm: Any, where: str, lim: TraceLimits) -> None:
-    check_keys(vm, where, ("grid", "status"), ("mode",))
+    """Kept / merged / dropped per cell of a rows × cols grid (groups and saliency per cell, optional)."""
+    check_keys(vm, where, ("grid", "status"), ("mode", "groups", "saliency"))
     rows, cols = check_ints(vm["grid"], f"{where}.grid", 2, 1, lim.max_grid_cells, length=2)
-    if rows * cols > lim.max_grid_cells:
+    n = rows * cols
+    if n > lim.max_grid_cells:
         refuse(f"{where}.grid", f"{rows}×{cols} cells (the limit is {lim.max_grid_cells})")
-    status = check_list(vm["status"], f"{where}.status", lim.max_grid_cells, length=rows * cols)
+    status = check_list(vm["status"], f"{where}.status", n, length=n)
     for i, s in enumerate(status):
         if type(s) is not str or s not in VISUAL_STATUSES:
             check_choice(s, f"{where}.status[{i}]", VISUAL_STATUSES)
     if "mode" in vm:
         check_str(vm["mode"], f"{where}.mode", 100)
+    if "groups" in vm:
+        check_ints(vm["groups"], f"{where}.groups", n, 0, n, length=n)
+    if vm.get("saliency") is not None:
+        check_nums(vm["saliency"], f"{where}.saliency", n, -1e9, 1e9, length=n)
 
 
 def check_extras(x: Any, where: str, lim: TraceLimits) -> None:
@@ -291,9 +297,9 @@ def check_drafter_info(info: Any, where: str, lim: TraceLimits) -> None:
         refuse(where, f"expected an object, got {type(info).__name__}")
     check_free(info, where, lim)
     if info.get("entropy_profile") is not None:
-        n = len(check_nums(info["entropy_profile"], f"{where}.entropy_profile", 1024, -1e6, 1e6))
-        if info.get("chosen_layers") is not None:
-            check_ints(info["chosen_layers"], f"{where}.chosen_layers", 1024, 0, max(n - 1, 0))
+        check_nums(info["entropy_profile"], f"{where}.entropy_profile", 1024, -1e6, 1e6)
+    if info.get("chosen_layers") is not None:  # the figure skips layers beyond the profile
+        check_ints(info["chosen_layers"], f"{where}.chosen_layers", 1024, 0, 1023)
     if "name" in info:
         check_str(info["name"], f"{where}.name", 1000)
 
