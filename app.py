@@ -643,8 +643,8 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                       f"{van.stats.tokens_per_s:.1f} tok/s, speculative {spec.stats.tokens_per_s:.1f} tok/s "
                       f"(τ {spec.stats.tau:.2f}, speed-up {speed:.2f}×); outputs "
                       f"{'identical' if same else 'differ (see the diff tab)'}.{note}")
-            yield {**all_views(ui, bundle, runs, save_bundle(bundle, files, session)), ui.status: status, bundle_state: bundle,
-                   race_go: True, runs_state: runs}
+            yield {**all_views(ui, bundle, runs, save_bundle(bundle, files, session)), ui.status: status,
+                   bundle_state: bundle, race_go: True, runs_state: runs}
 
         def replay(bundle, go=True, request: gr.Request = None):
             if bundle is None or not go:  # nothing new to race: leave the panes as they are
