@@ -104,6 +104,13 @@ def test_nan_time_is_refused(race, tmp_path):
         load_dict(tmp_path, text)
 
 
+def test_total_extras_bounded(race, tmp_path):
+    """Every step may carry a visual map: their cells count towards one budget for the whole trace."""
+    with pytest.raises(InputError, match="values in the steps' extras"):
+        load_dict(tmp_path, race, TraceLimits(max_total_extras=10))
+    load_dict(tmp_path, race, TraceLimits(max_total_extras=100))  # 6 cells + 3 values: fine
+
+
 def test_many_steps_and_size_refused_quickly(race, tmp_path):
     """150k steps (a 60 MB file) are refused by size before reading; past the step limit, by count before
     any step is checked."""

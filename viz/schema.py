@@ -39,6 +39,7 @@ class TraceLimits:
     max_grid_cells: int = 16_384  # visual-token map
     max_free_items: int = 20_000  # values in one free-form dict (config, drafter_info, a step's extras)
     max_free_depth: int = 8
+    max_total_extras: int = 2_000_000  # values in all steps' extras (visual-map cells included): bounds the check
     max_seconds: float = 1e6
     max_ms: float = 1e9
     max_image_chars: int = 4 * 2**20  # the embedded thumbnail (a data: URI)
@@ -132,8 +133,9 @@ def check_keys(v: Any, where: str, required: tuple[str, ...], optional: tuple[st
     return v
 
 
-def check_free(v: Any, where: str, lim: TraceLimits) -> None:
-    """Any JSON value of bounded size and depth, with finite numbers, text keys and bounded text."""
+def check_free(v: Any, where: str, lim: TraceLimits) -> int:
+    """Any JSON value of bounded size and depth, with finite numbers, text keys and bounded text;
+    returns how many values it holds."""
     stack = [(v, where, 0)]
     items = 0
     while stack:
@@ -159,6 +161,7 @@ def check_free(v: Any, where: str, lim: TraceLimits) -> None:
                 stack.append((y, f"{at}.{k}", depth + 1))
         else:
             refuse(at, f"unexpected {type(x).__name__}")
+    return items
 
 
 # ---------------------------------------------------------------- a run
@@ -198,7 +201,7 @@ def check_accepted(acc: Any, parents: list[int], where: str) -> None:
         prev = node
 
 
-def check_visual_map(vm: Any, where: str, lim: TraceLimits) -> None:
+def check_visual_map(vm: Any, where: str, lim: TraceLimits) -> int:
     """Kept / merged / dropped per cell of a rows × cols grid (groups and saliency per cell, optional)."""
     check_keys(vm, where, ("grid", "status"), ("mode", "groups", "saliency"))
     rows, cols = check_ints(vm["grid"], f"{where}.grid", 2, 1, lim.max_grid_cells, length=2)
@@ -215,18 +218,19 @@ def check_visual_map(vm: Any, where: str, lim: TraceLimits) -> None:
         check_ints(vm["groups"], f"{where}.groups", n, 0, n, length=n)
     if vm.get("saliency") is not None:
         check_nums(vm["saliency"], f"{where}.saliency", n, -1e9, 1e9, length=n)
+    return n
 
 
-def check_extras(x: Any, where: str, lim: TraceLimits) -> None:
+def check_extras(x: Any, where: str, lim: TraceLimits) -> int:
+    """A step's drafter extras; returns how many values they hold."""
     if type(x) is not dict:
         refuse(where, f"expected an object, got {type(x).__name__}")
-    if "visual_map" in x:
-        check_visual_map(x["visual_map"], f"{where}.visual_map", lim)
-    check_free({k: v for k, v in x.items() if k != "visual_map"}, where, lim)
+    cells = check_visual_map(x["visual_map"], f"{where}.visual_map", lim) if "visual_map" in x else 0
+    return cells + check_free({k: v for k, v in x.items() if k != "visual_map"}, where, lim)
 
 
-def check_step(s: Any, where: str, index: int, lim: TraceLimits) -> int:
-    """One step; returns its number of draft nodes."""
+def check_step(s: Any, where: str, index: int, lim: TraceLimits) -> tuple[int, int]:
+    """One step; returns its number of draft nodes and of values in its extras."""
     check_keys(s, where, STEP_KEYS, ("extras",))
     check_int(s["index"], f"{where}.index", index, index)
     check_choice(s["kind"], f"{where}.kind", STEP_KINDS)
@@ -244,20 +248,21 @@ def check_step(s: Any, where: str, index: int, lim: TraceLimits) -> int:
     for key in ("draft_ms", "verify_ms", "step_ms"):
         check_num(s[key], f"{where}.{key}", 0.0, lim.max_ms)
     check_num(s["elapsed_s"], f"{where}.elapsed_s", 0.0, lim.max_seconds)
-    if "extras" in s:
-        check_extras(s["extras"], f"{where}.extras", lim)
-    return n
+    return n, check_extras(s["extras"], f"{where}.extras", lim) if "extras" in s else 0
 
 
 def check_steps(steps: Any, where: str, lim: TraceLimits) -> list[int]:
     """Every step, in order; returns the committed tokens (what `token_ids` must be)."""
     check_list(steps, where, lim.max_steps)
     committed: list[int] = []
-    nodes, last_t = 0, 0.0
+    nodes, extras, last_t = 0, 0, 0.0
     for i, s in enumerate(steps):
-        nodes += check_step(s, f"{where}[{i}]", i, lim)
+        n, x = check_step(s, f"{where}[{i}]", i, lim)
+        nodes, extras = nodes + n, extras + x
         if nodes > lim.max_total_nodes:
             refuse(where, f"more than {lim.max_total_nodes} draft nodes in all")
+        if extras > lim.max_total_extras:
+            refuse(where, f"more than {lim.max_total_extras} values in the steps' extras")
         if s["elapsed_s"] < last_t:
             refuse(f"{where}[{i}].elapsed_s", "time goes backwards")
         last_t = s["elapsed_s"]
