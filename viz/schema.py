@@ -98,16 +98,23 @@ def check_list(v: Any, where: str, max_len: int, length: int | None = None) -> l
     return v
 
 
+# The list checks take a fast path over the whole list first (most traces are fine) and only walk it
+# element by element to say where the first problem is.
+
 def check_ints(v: Any, where: str, max_len: int, lo: int, hi: int, length: int | None = None) -> list[int]:
     check_list(v, where, max_len, length)
+    if all(type(x) is int for x in v) and (not v or lo <= min(v) and max(v) <= hi):
+        return v
     for i, x in enumerate(v):
-        if type(x) is not int or not lo <= x <= hi:
-            check_int(x, f"{where}[{i}]", lo, hi)
+        check_int(x, f"{where}[{i}]", lo, hi)
     return v
 
 
 def check_nums(v: Any, where: str, max_len: int, lo: float, hi: float, length: int | None = None) -> list[float]:
     check_list(v, where, max_len, length)
+    if all(type(x) is float or type(x) is int for x in v) and all(map(math.isfinite, v)) and \
+            (not v or lo <= min(v) and max(v) <= hi):
+        return v
     for i, x in enumerate(v):
         check_num(x, f"{where}[{i}]", lo, hi)
     return v
@@ -115,9 +122,10 @@ def check_nums(v: Any, where: str, max_len: int, lo: float, hi: float, length: i
 
 def check_strs(v: Any, where: str, max_len: int, max_chars: int, length: int | None = None) -> list[str]:
     check_list(v, where, max_len, length)
+    if all(type(x) is str for x in v) and (not v or max(map(len, v)) <= max_chars):
+        return v
     for i, x in enumerate(v):
-        if type(x) is not str or len(x) > max_chars:
-            check_str(x, f"{where}[{i}]", max_chars)
+        check_str(x, f"{where}[{i}]", max_chars)
     return v
 
 
@@ -183,11 +191,11 @@ def check_tree(t: Any, where: str, lim: TraceLimits) -> int:
     parents = check_ints(t["parents"], f"{where}.parents", n, -1, max(n - 1, -1), length=n)
     depths = check_ints(t["depths"], f"{where}.depths", n, 1, lim.max_depth, length=n)
     check_nums(t["draft_probs"], f"{where}.draft_probs", n, 0.0, 1.0, length=n)
-    for i, (p, d) in enumerate(zip(parents, depths)):
+    for i, p in enumerate(parents):
         if p >= i:
             refuse(f"{where}.parents[{i}]", f"a node's parent must come before it (node {i}, parent {p})")
-        if d != (1 if p == -1 else depths[p] + 1):
-            refuse(f"{where}.depths[{i}]", f"depth {d} does not follow its parent {p}")
+        if depths[i] != (depths[p] + 1 if p >= 0 else 1):
+            refuse(f"{where}.depths[{i}]", f"depth {depths[i]} does not follow its parent {p}")
     return n
 
 

@@ -42,7 +42,8 @@ class Limits:
     @classmethod
     def public(cls, max_new_tokens: int = 256) -> "Limits":
         return cls(max_prompt_chars=500, max_new_tokens=max_new_tokens, max_image_bytes=8 * 2**20,
-                   max_image_pixels=16_000_000, trace=TraceLimits(max_bytes=8 * 2**20, max_steps=1024),
+                   max_image_pixels=16_000_000,
+                   trace=TraceLimits(max_bytes=8 * 2**20, max_steps=1024, max_total_nodes=100_000),
                    queue_size=16, replays_per_minute=20, max_sessions=500)
 
 
