@@ -429,7 +429,7 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
     limits = cfg.rules.limits
     # Cheap events, per session: one at a time and a few a minute, so one visitor cannot crowd others out.
     replays = RateLimiter(limits.replays_per_minute, limits.max_sessions)
-    inspections = RateLimiter(limits.replays_per_minute * 6, limits.max_sessions)
+    inspections = RateLimiter(limits.replays_per_minute * 20, limits.max_sessions)  # a slider drag sends many
     trace_loads = RateLimiter(limits.replays_per_minute, limits.max_sessions)
     files = SessionFiles(keep=1, max_sessions=limits.max_sessions)
     if cfg.target_missing:
