@@ -6,7 +6,9 @@ internals, a session summary and trace export/replay.
 
 Configuration (all optional): MMSPEC_TARGET (model dir or hub id), MMSPEC_DRAFTERS (comma-separated
 model dirs / hub ids added to the drafter list), MMSPEC_EXAMPLES (a folder with examples.json),
-MMSPEC_MAX_NEW_TOKENS (UI limit). Tests call `build_demo(...)` with tiny models instead.
+MMSPEC_MAX_NEW_TOKENS (UI limit), MMSPEC_QUEUE_SIZE; MMSPEC_PUBLIC=1 (or a Space's SPACE_ID) turns on
+public mode (webui/policy.py: listed models only, tighter limits, MMSPEC_PUBLIC_PAIRS).
+Tests call `build_demo(...)` with tiny models instead.
 
 The engine (mmspec/) knows nothing of Gradio and viz/ turns traces into figures and HTML; this file
 only wires them. Timing is honest: vanilla and speculative runs are measured one after the other
@@ -14,6 +16,9 @@ on the same device (after a warm-up), and the race animation replays their measu
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import html
 import json
@@ -24,18 +29,21 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
-from PIL import Image
+from gradio.utils import get_upload_folder
 
-from mmspec import DecodeConfig, Decoder, InputError, load_drafter, load_image, load_target
-from mmspec.load import ASSETS, MAX_IMAGE_SIDE, DEFAULT_TARGET
+from mmspec import DecodeConfig, Decoder, InputError
+from mmspec.load import ASSETS, DEFAULT_TARGET
 from viz import bench, charts, internals, race, tokens, traceio, tree_fig
 from viz.style import CSS
+from webui.policy import Limits, make_policy, public_mode
+from webui.request import Rules, RunRequest, inside, parse_request
+from webui.session import ModelCache, RateLimiter, RunRegistry, SessionFiles
 
 try:  # Hugging Face ZeroGPU; optional
     import spaces  # type: ignore
@@ -43,12 +51,16 @@ except ImportError:  # pragma: no cover - depends on the host
     spaces = None
 
 log = logging.getLogger("mmspec.app")
+try:  # glibc's malloc_trim (Linux); elsewhere freed memory is left to the allocator
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - fails here on a libc without it
+except (OSError, AttributeError):
+    _LIBC = None
 
 MODELS_DIR = ASSETS / "models"
 DEFAULT_DRAFT_VLM = MODELS_DIR / "mmspec-draft-vlm"
 DEFAULT_DRAFT_TEXT = MODELS_DIR / "mmspec-draft-text"
 DEFAULT_EXAMPLES = ASSETS / "examples"
-MAX_PROMPT_CHARS = 2000
 TIMING_NOTE = ("Runs are measured separately on the same device (vanilla first, then speculative, after a "
                "warm-up); the race is a replay of their measured timelines.")
 TRACE_DIR = Path(tempfile.mkdtemp(prefix="mmspec-traces-"))
@@ -72,53 +84,8 @@ def default_token_limit() -> int:
 
 # ---------------------------------------------------------------------------- models (module scope, cached)
 
-class ModelCache:
-    """Targets (LRU, a few) and model drafters loaded once per process; n-gram/random are made fresh."""
-
-    def __init__(self, max_targets: int = 2):
-        self.max_targets = max_targets
-        self.targets: OrderedDict[str, Any] = OrderedDict()
-        self.drafters: dict[tuple[str, str], Any] = {}
-        self.warm: set[tuple[str, str]] = set()
-        self.lock = threading.RLock()
-
-    def target(self, name: str):
-        with self.lock:
-            if name in self.targets:
-                self.targets.move_to_end(name)
-                return self.targets[name]
-            tgt = load_target(name)
-            self.targets[name] = tgt
-            while len(self.targets) > self.max_targets:
-                old, _ = self.targets.popitem(last=False)
-                self.drafters = {k: v for k, v in self.drafters.items() if k[1] != old}
-                self.warm = {k for k in self.warm if k[0] != old}
-            return tgt
-
-    def drafter(self, name: str, target):
-        if name in ("ngram", "random", "vanilla"):
-            return load_drafter(name, target)
-        key = (name, target.name)
-        with self.lock:
-            if key not in self.drafters:
-                self.drafters[key] = load_drafter(name, target)
-            return self.drafters[key]
-
-    def warm_up(self, target, drafter_name: str, drafter, tree: str) -> None:
-        """One short decode per (target, drafter) so the first measured run pays no lazy-init cost."""
-        key = (target.name, drafter_name)
-        if key in self.warm:
-            return
-        img = Image.new("RGB", (64, 64), (120, 160, 200))
-        cfg = DecodeConfig(max_new_tokens=4, tree=tree)
-        for d in (None, drafter):
-            for _ in Decoder(target, d, img, "Describe the image.", cfg):
-                pass
-        self.warm.add(key)
-
-
 MODELS = ModelCache()
-STOP: dict[str, threading.Event] = defaultdict(threading.Event)
+RUNS = RunRegistry()  # stop flags of the runs in progress
 RUN_CACHE: OrderedDict[tuple, traceio.Bundle] = OrderedDict()  # example runs already measured
 
 
@@ -140,6 +107,8 @@ class AppConfig:
     examples: list[tuple[str, str]]  # (image path, prompt)
     example_hashes: set[str]
     token_limit: int
+    public: bool
+    rules: Rules  # limits, allowed models, upload folder, example paths (webui.request)
     race_min_s: float
     race_max_s: float
     fps: float
@@ -201,7 +170,8 @@ def _drafter_list(drafters: list | None) -> list[tuple[str, str]]:
 
 
 def make_config(default_target=None, drafters=None, default_drafter=None, examples_dir=None, max_new_tokens_limit=None,
-                race_min_s=3.0, race_max_s=20.0, fps=12.0, live_every_s=0.4, cache_examples=True) -> AppConfig:
+                race_min_s=3.0, race_max_s=20.0, fps=12.0, live_every_s=0.4, cache_examples=True,
+                public: bool | None = None) -> AppConfig:
     target = default_target or os.environ.get("MMSPEC_TARGET") or str(DEFAULT_TARGET)
     missing = not (Path(target).exists() or ("/" in target and not target.startswith((".", "/", "~"))))
     dlist = _drafter_list(drafters)
@@ -215,96 +185,16 @@ def make_config(default_target=None, drafters=None, default_drafter=None, exampl
             hashes.add(_hash_file(path))
         except OSError:
             pass
-    return AppConfig(str(target), missing, dlist, dd, examples, hashes,
-                     int(max_new_tokens_limit or default_token_limit()), float(race_min_s), float(race_max_s),
-                     float(fps), float(live_every_s), bool(cache_examples))
-
-
-# ---------------------------------------------------------------------------- input parsing
-
-@dataclass
-class RunRequest:
-    image_path: str
-    image: Image.Image
-    prompt: str
-    target: str
-    drafter: str
-    tree: str
-    config: DecodeConfig
-    note: str  # e.g. "image downscaled"
-
-
-def _image_path(payload: Any) -> str | None:
-    if payload is None:
-        return None
-    if isinstance(payload, dict):
-        return payload.get("path")
-    if isinstance(payload, (str, Path)):
-        return str(payload)
-    return getattr(payload, "path", None)
-
-
-def tree_spec(shape: str, chain_len, budget, depth, topk) -> str:
-    try:
-        if str(shape).startswith("chain"):
-            k = int(chain_len)
-            if not 1 <= k <= 16:
-                raise InputError("chain length must be between 1 and 16")
-            return f"chain:{k}"
-        b, d, k = int(budget), int(depth), int(topk)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"draft shape: expected whole numbers ({e})") from e
-    if not (1 <= b <= 128 and 1 <= d <= 12 and 1 <= k <= 10):
-        raise InputError("tree: budget 1-128, depth 1-12, top-k 1-10")
-    return f"dynamic:{b},{d},{k}"
-
-
-def parse_request(cfg: AppConfig, image, prompt, target, drafter, shape, chain_len, budget, depth, topk,
-                  temperature, top_p, seed, max_tokens) -> RunRequest:
-    path = _image_path(image)
-    if not path:
-        raise InputError("No image: upload one or pick an example.")
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InputError("The prompt is empty: type a question or instruction about the image.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InputError(f"The prompt is too long ({len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}).")
-    target = (target or "").strip()
-    if not target:
-        raise InputError("No target model: enter a hub id or a local model directory.")
-    drafter = (drafter or "").strip()
-    if not drafter or drafter in ("vanilla", "none"):
-        raise InputError("Pick a speculative drafter (vanilla decoding is always run as the baseline).")
-    try:
-        max_tokens = int(max_tokens)
-        temperature = float(temperature)
-        top_p = float(top_p)
-        seed = int(seed)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"sampling settings must be numbers ({e})") from e
-    if not 1 <= max_tokens <= cfg.token_limit:
-        raise InputError(f"max new tokens must be between 1 and {cfg.token_limit} in this app.")
-    if not 0.0 <= temperature <= 2.0:
-        raise InputError("temperature must be between 0 and 2.")
-    if not 0.0 < top_p <= 1.0:
-        raise InputError("top-p must be in (0, 1].")
-    if seed < 0:
-        raise InputError("seed must be >= 0.")
-    tree = tree_spec(shape, chain_len, budget, depth, topk)
-    note = ""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-        img = load_image(path)
-    except Image.DecompressionBombError as e:
-        raise InputError(f"The image is too large to open safely ({e}).") from e
-    except (OSError, ValueError) as e:  # PIL can't identify it
-        raise InputError(f"That file is not a readable image ({type(e).__name__}).") from e
-    if img.size != size:
-        note = f"image downscaled from {size[0]}×{size[1]} to {img.width}×{img.height} (limit {MAX_IMAGE_SIDE} px per side)"
-    config = DecodeConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree)
-    config.check()
-    return RunRequest(path, img, prompt, target, drafter, tree, config, note)
+    public = public_mode() if public is None else public
+    token_limit = int(max_new_tokens_limit or default_token_limit())
+    limits = Limits.public(min(token_limit, 256)) if public else Limits(max_new_tokens=token_limit)
+    policy = make_policy(public, str(target), values)
+    if public:  # the curated hub drafters join the list (the policy says which target each goes with)
+        dlist += [(f"{_short_name(d)} (hub)", d) for d in policy.drafters() if d not in values]
+    limits = Limits(**{**vars(limits), "queue_size": int(os.environ.get("MMSPEC_QUEUE_SIZE", limits.queue_size))})
+    rules = Rules(limits, policy, get_upload_folder(), frozenset(os.path.realpath(p) for p, _ in examples))
+    return AppConfig(str(target), missing, dlist, dd, examples, hashes, limits.max_new_tokens, public, rules,
+                     float(race_min_s), float(race_max_s), float(fps), float(live_every_s), bool(cache_examples))
 
 
 # ---------------------------------------------------------------------------- views (from a Bundle)
@@ -351,8 +241,10 @@ def step_markdown(gen, index: int) -> str:
     s = gen.steps[max(0, min(index, len(gen.steps) - 1))]
     committed = "".join(s.new_texts)
     nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
-    return (f"**Step {s.index}** of {len(gen.steps) - 1} ({s.kind}) · drafted **{len(s.tree)}** · accepted "
-            f"**{len(s.accepted)}** · then {nk} · committed `{html.escape(tokens.visible_text(committed))}` · "
+    esc = tokens.esc
+    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · "
+            f"accepted **{len(s.accepted)}** · then {esc(nk)} · "
+            f"committed <code>{esc(tokens.visible_text(committed))}</code> · "
             f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")
 
 
@@ -418,9 +310,11 @@ def race_clock(t: float, total: float, speed: float | None, done: bool = False) 
             f'<span class="state">{state}</span></div>')
 
 
-def save_bundle(bundle: traceio.Bundle) -> str:
+def save_bundle(bundle: traceio.Bundle, files: SessionFiles | None = None, session: str = "default") -> str:
+    """The bundle as a trace file; `files` keeps only the session's latest and removes it when it ends."""
     name = f"mmspec-trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.json"
-    return str(traceio.save(bundle, TRACE_DIR / name))
+    path = traceio.save(bundle, TRACE_DIR / name)
+    return str(files.add(session, path) if files is not None else path)
 
 
 # ---------------------------------------------------------------------------- live measurement
@@ -469,6 +363,22 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+def release_memory() -> None:
+    """After a large trace: collect, and hand freed heap pages back to the OS (glibc), so one visitor's
+    big file does not stay in the server's resident memory."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _remove_upload(path: str) -> None:
+    """An uploaded trace is read once: its copy in Gradio's upload folder goes at once."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _cache_key(req: RunRequest) -> tuple:
     c = req.config
     return (_hash_file(req.image_path), req.prompt, req.target, req.drafter, req.tree, c.temperature, c.top_p,
@@ -482,7 +392,7 @@ def measure_runs(req: RunRequest, session: str, every_s: float) -> Iterator[tupl
     Yields plain, picklable events (ZeroGPU runs this in another process): ("status", text),
     ("live", mode, spans_html, tokens, elapsed_s, device), ("stopped",), ("done", Bundle, device).
     """
-    stop = STOP[session]
+    stop = RUNS.event(session)
     yield ("status", f"Loading {_short_name(req.target)}…")
     tgt = MODELS.target(req.target)
     yield ("status", f"Loading drafter {_short_name(req.drafter)}…")
@@ -510,16 +420,26 @@ def measure_runs(req: RunRequest, session: str, every_s: float) -> Iterator[tupl
 def build_demo(default_target: str | None = None, drafters: list | None = None, default_drafter: str | None = None,
                examples_dir: str | Path | None = None, max_new_tokens_limit: int | None = None,
                race_min_s: float = 3.0, race_max_s: float = 20.0, fps: float = 12.0, live_every_s: float = 0.4,
-               cache_examples: bool = True, default_max_new_tokens: int = 64) -> gr.Blocks:
-    """The whole app as a gr.Blocks; launch it with `launch(demo, ...)` (theme/CSS go to launch in Gradio 6)."""
+               cache_examples: bool = True, default_max_new_tokens: int = 64, public: bool | None = None) -> gr.Blocks:
+    """The whole app as a gr.Blocks; launch it with `launch(demo, ...)` (theme/CSS go to launch in Gradio 6).
+
+    `public` (default: from the environment, see webui.policy) restricts models and tightens limits."""
     cfg = make_config(default_target, drafters, default_drafter, examples_dir, max_new_tokens_limit,
-                      race_min_s, race_max_s, fps, live_every_s, cache_examples)
+                      race_min_s, race_max_s, fps, live_every_s, cache_examples, public)
+    limits = cfg.rules.limits
+    # Cheap events, per session: one at a time and a few a minute, so one visitor cannot crowd others out.
+    replays = RateLimiter(limits.replays_per_minute, limits.max_sessions)
+    inspections = RateLimiter(limits.replays_per_minute * 20, limits.max_sessions)  # a slider drag sends many
+    trace_loads = RateLimiter(limits.replays_per_minute, limits.max_sessions)
+    files = SessionFiles(keep=1, max_sessions=limits.max_sessions)
     if cfg.target_missing:
         log.warning("mmspec: WARNING: the default target model %s is missing. The app starts, but runs need a "
                     "target: enter a hub id or a local model directory in the page, set MMSPEC_TARGET, or replay a "
                     "trace file.", cfg.default_target)
     ui = UI()
-    with gr.Blocks(title="mmspec: speculative decoding for VLMs") as demo:
+    # Public: Gradio's cached uploads and outputs older than an hour are removed every 15 minutes.
+    with gr.Blocks(title="mmspec: speculative decoding for VLMs",
+                   delete_cache=(900, 3600) if cfg.public else None) as demo:
         gr.Markdown("## mmspec · lossless speculative decoding for vision-language models\n"
                     "A drafter guesses several tokens; the target checks them all in one forward pass and keeps "
                     "exactly what it would have produced on its own. Pick an image, a prompt and a drafter, then **Run**.")
@@ -540,12 +460,16 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                     gr.Markdown("_No examples found._", elem_classes="mmspec-note")
             with gr.Column(scale=6, min_width=320):
                 target_choices = [(f"{_short_name(cfg.default_target)} (default)", cfg.default_target)]
-                ui.target = gr.Dropdown(target_choices, value=cfg.default_target, allow_custom_value=True,
+                if cfg.public:
+                    target_choices += [(f"{t} (hub)", t) for t in cfg.rules.policy.targets if t != cfg.default_target]
+                ui.target = gr.Dropdown(target_choices, value=cfg.default_target, allow_custom_value=not cfg.public,
                                         label="Target model", elem_id="mmspec-target",
-                                        info="embedded default, a hub id or a local directory")
-                ui.drafter = gr.Dropdown(cfg.drafters, value=cfg.default_drafter, allow_custom_value=True,
+                                        info="the models this public app offers" if cfg.public else
+                                        "embedded default, a hub id or a local directory")
+                ui.drafter = gr.Dropdown(cfg.drafters, value=cfg.default_drafter, allow_custom_value=not cfg.public,
                                          label="Drafter", elem_id="mmspec-drafter",
-                                         info="vanilla is always run as the baseline; a path or hub id works too")
+                                         info="vanilla is always run as the baseline" +
+                                         ("" if cfg.public else "; a path or hub id works too"))
                 ui.shape = gr.Radio(["chain", "tree (dynamic)"], value="chain", label="Draft shape")
                 with gr.Row(visible=True) as chain_row:
                     ui.chain_len = gr.Slider(1, 16, value=4, step=1, label="chain length")
@@ -617,7 +541,8 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                             "here without any model.")
                 with gr.Row():
                     ui.trace_file = gr.File(label="trace of the last run (JSON)", interactive=False)
-                    ui.trace_upload = gr.File(label="replay a trace", file_types=[".json"], type="filepath")
+                    ui.trace_upload = gr.File(label="replay a trace", file_types=[".json"], type="filepath",
+                                              elem_id="mmspec-trace-upload")
 
         bundle_state = gr.State(None)
         race_go = gr.State(False)
@@ -638,10 +563,15 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
         def measure(image, prompt, target, drafter, shape, chain_len, budget, depth, topk, temperature, top_p, seed,
                     max_tokens, runs, request: gr.Request):
             session = _session(request)
-            STOP[session].clear()
+            with RUNS.running(session):  # Stop finds this run's flag; the entry goes when the run ends
+                yield from measure_in(session, image, prompt, target, drafter, shape, chain_len, budget, depth, topk,
+                                      temperature, top_p, seed, max_tokens, runs)
+
+        def measure_in(session, image, prompt, target, drafter, shape, chain_len, budget, depth, topk, temperature,
+                       top_p, seed, max_tokens, runs):
             runs = list(runs or [])
             try:
-                req = parse_request(cfg, image, prompt, target, drafter, shape, chain_len, budget, depth, topk,
+                req = parse_request(cfg.rules, image, prompt, target, drafter, shape, chain_len, budget, depth, topk,
                                     temperature, top_p, seed, max_tokens)
             except InputError as e:
                 yield fail(str(e))
@@ -656,7 +586,7 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                 if key is not None and key in RUN_CACHE:
                     bundle = RUN_CACHE[key]
                     runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, bundle.speculative, source="cached"))
-                    yield {**all_views(ui, bundle, runs, save_bundle(bundle)),
+                    yield {**all_views(ui, bundle, runs, save_bundle(bundle, files, session)),
                            ui.status: "✓ Example already measured in this app: replaying the stored runs "
                                       "(change any setting to measure anew).",
                            bundle_state: bundle, race_go: True, runs_state: runs}
@@ -713,13 +643,21 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                       f"{van.stats.tokens_per_s:.1f} tok/s, speculative {spec.stats.tokens_per_s:.1f} tok/s "
                       f"(τ {spec.stats.tau:.2f}, speed-up {speed:.2f}×); outputs "
                       f"{'identical' if same else 'differ (see the diff tab)'}.{note}")
-            yield {**all_views(ui, bundle, runs, save_bundle(bundle)), ui.status: status, bundle_state: bundle,
-                   race_go: True, runs_state: runs}
+            yield {**all_views(ui, bundle, runs, save_bundle(bundle, files, session)), ui.status: status,
+                   bundle_state: bundle, race_go: True, runs_state: runs}
 
-        def replay(bundle, go=True):
+        def replay(bundle, go=True, request: gr.Request = None):
             if bundle is None or not go:  # nothing new to race: leave the panes as they are
                 yield {c: gr.skip() for c in race_outputs}
                 return
+            with replays.slot(_session(request)) as ok:
+                if not ok:
+                    gr.Warning("A replay is already playing, or too many replays this minute: wait a moment.")
+                    yield {c: gr.skip() for c in race_outputs}
+                    return
+                yield from race_frames(bundle)
+
+        def race_frames(bundle):
             van, spec = bundle.vanilla, bundle.speculative
             vocab = vocab_of(bundle)
             vs = tokens.step_spans(van, vocab) if van else []
@@ -745,32 +683,58 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
             yield {ui.clock: race_clock(total, total, speed, done=True), ui.van_head: vh, ui.spec_head: sh,
                    ui.van_pane: "".join(vs), ui.spec_pane: "".join(ss)}
 
-        def inspect(bundle, index):
+        def inspect(bundle, index, request: gr.Request = None):
             try:
                 index = int(index)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 index = 0
-            return inspector_views(ui, bundle, index)
+            with inspections.slot(_session(request)) as ok:
+                if not ok:
+                    return {ui.tree_plot: gr.skip(), ui.step_info: gr.skip(), ui.vmap_plot: gr.skip()}
+                return inspector_views(ui, bundle, index)
 
-        def load_trace_file(path, runs):
+        def load_trace_file(path, runs, request: gr.Request = None):
+            session = _session(request)
+            with trace_loads.slot(session) as ok:
+                if not ok:
+                    return fail("Too many trace loads this minute: wait a moment.")
+                return load_trace_in(session, path, runs)
+
+        def load_trace_in(session, path, runs):
             runs = list(runs or [])
             if not path:
                 return {ui.status: "No trace file given.", race_go: False}
+            if not isinstance(path, str) or not inside(path, cfg.rules.upload_dir):
+                return fail("Traces are read only from files uploaded to the app; a server path is not accepted.")
             try:
-                bundle = traceio.load(path)
+                bundle = traceio.load(path, limits.trace)
             except InputError as e:
                 return fail(str(e))
+            finally:
+                release_memory()
+                _remove_upload(path)
             runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, bundle.speculative, source="trace"))
             g = bundle.main
             what = "vanilla and speculative runs" if bundle.vanilla and bundle.speculative else f"a {g.mode} run"
-            status = (f"✓ Trace loaded: {what} of {_short_name(g.config.get('target', '?'))}, "
+            status = (f"✓ Trace loaded: {what} of {tokens.esc(_short_name(g.config.get('target', '?')))}, "
                       f"{g.stats.new_tokens} tokens; replaying it (no model used).")
-            return {**all_views(ui, bundle, runs, save_bundle(bundle)), ui.status: status, bundle_state: bundle,
+            return {**all_views(ui, bundle, runs, save_bundle(bundle, files, session)), ui.status: status, bundle_state: bundle,
                     race_go: True, runs_state: runs}
 
         def request_stop(request: gr.Request):
-            STOP[_session(request)].set()
+            RUNS.stop(_session(request))  # a session with no run in progress adds nothing
             return "Stopped."
+
+        def end_session(request: gr.Request):
+            """The tab closed: stop its run, remove its trace files and its state, forget its counters."""
+            session = _session(request)
+            RUNS.stop(session)
+            files.release(session)
+            for limiter in (replays, inspections, trace_loads):
+                limiter.forget(session)
+            holder = getattr(demo, "state_holder", None)
+            if holder is not None:
+                holder.delete_state(session)
 
         # ---- wiring
         def show_shape(shape):
@@ -790,11 +754,12 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                              api_name="inspect_step", concurrency_limit=None, trigger_mode="always_last",
                              show_progress="hidden")
         load_evt = ui.trace_upload.upload(load_trace_file, [ui.trace_upload, runs_state], run_outputs,
-                                          api_name="load_trace", concurrency_limit=None)
+                                          api_name="load_trace", concurrency_limit=2, concurrency_id="trace")
         load_race = load_evt.then(replay, [bundle_state, race_go], race_outputs, api_visibility="private",
                                   concurrency_limit=None, show_progress="hidden")
         ui.stop_btn.click(request_stop, None, [ui.status], api_name="stop", queue=False,
                           cancels=[run_evt, race_evt, replay_evt, load_race])
+        demo.unload(end_session)
         ui.show_rejected.change(
             None, ui.show_rejected, None, api_visibility="private",
             js="(v) => { document.body.classList.toggle('mmspec-show-rejected', !!v); return v; }")
@@ -822,15 +787,20 @@ def _target_texts(gen, tokenizer) -> dict[int, str]:
     return {t: tokenizer.decode([t]) for t in sorted(need)}
 
 
-def launch_kwargs() -> dict[str, Any]:
-    """What Gradio 6 wants at launch() rather than Blocks(): theme, CSS, and the files we serve."""
-    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size="64mb", show_error=True)
+def launch_kwargs(limits: Limits | None = None) -> dict[str, Any]:
+    """What Gradio 6 wants at launch() rather than Blocks(): theme, CSS, the files we serve, upload and
+    session bounds."""
+    limits = limits or Limits()
+    upload = max(limits.max_image_bytes, limits.trace.max_bytes)
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size=upload, show_error=True,
+                state_session_capacity=limits.max_sessions)
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """Queue (one run at a time: one GPU) and launch with the app's theme and CSS."""
-    demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("MMSPEC_QUEUE_SIZE", "20")))
-    return demo.launch(**{**launch_kwargs(), **kwargs})
+    """Queue (one run at a time: one GPU; a bounded queue) and launch with the app's theme and CSS."""
+    limits = demo.mmspec_config.rules.limits  # type: ignore[attr-defined]
+    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
+    return demo.launch(**{**launch_kwargs(limits), **kwargs})
 
 
 def main() -> None:

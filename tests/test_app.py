@@ -175,3 +175,56 @@ def test_examples_and_drafters_from_config(tiny_dir, tmp_path):
     cfg = tiny_demo(tiny_dir, examples).mmspec_config
     assert cfg.examples == [(str((examples / "noise.png").resolve()), PROMPT)]
     assert cfg.default_drafter == str(tiny_dir / "llava") and cfg.token_limit == 64
+
+
+# ------------------------------------------------------------------ what a request may read
+
+FILE_META = {"_type": "gradio.FileData"}
+
+
+def raw_call(url: str, api: str, data: list) -> str:
+    """One event through Gradio's HTTP API (no client-side upload): the whole event stream as text."""
+    import httpx
+
+    base = url.rstrip("/") + "/gradio_api"
+    event = httpx.post(f"{base}/call/{api}", json={"data": data}, timeout=30).json()["event_id"]
+    return httpx.get(f"{base}/call/{api}/{event}", timeout=120).text
+
+
+def server_files(tmp_path: Path) -> list[str]:
+    picture = tmp_path / "server-side.png"  # a readable image that was never uploaded
+    tiny_models.image(5, size=64).save(picture)
+    return ["/etc/passwd", str(ROOT / "assets" / "screenshot.png"),
+            str(ROOT / "assets" / "examples" / "example_1_describe.png"), str(picture)]
+
+
+def test_run_refuses_server_paths(served, tmp_path):
+    """An image is read only if it came through Gradio's upload (or is a shipped example of this app)."""
+    client, tiny, examples = served
+    settings = [PROMPT, str(tiny / "llava"), "ngram", "chain", 2, 8, 2, 2, 0.0, 1.0, 0, 2]
+    for path in server_files(tmp_path):
+        for payload in (path, {"path": path}, {"path": path, "meta": FILE_META}):
+            text = raw_call(client.src, "run", [payload] + settings + [[]])
+            assert "✓" not in text and "data:image" not in text, (payload, text[-300:])
+            assert "not uploaded" in text or "validation error" in text, (payload, text[-300:])
+        _, res = run(client, {"path": path}, target=str(tiny / "llava"), drafter="ngram", max_tokens=2)
+        assert res[STATUS].startswith("⚠") and "not uploaded to the app" in res[STATUS], res[STATUS]
+    # the app's own example, named by its path, and a real upload both run
+    for payload in ({"path": str(examples / "noise.png")}, handle_file(str(tmp_path / "server-side.png"))):
+        _, res = run(client, payload, target=str(tiny / "llava"), drafter="ngram", max_tokens=2)
+        assert res[STATUS].startswith("✓"), res[STATUS]
+
+
+def test_trace_loading_refuses_server_paths(served, tmp_path):
+    client, tiny, examples = served
+    _, res = run(client, handle_file(str(examples / "noise.png")), target=str(tiny / "llava"), drafter="ngram",
+                 max_tokens=3, seed=11)
+    trace = tmp_path / "trace.json"  # a valid trace, on the server's disk but never uploaded
+    trace.write_text(Path(res[TRACE]).read_text())
+    for path in [str(trace), "/etc/passwd"]:
+        for payload in (path, {"path": path}, {"path": path, "meta": FILE_META}):
+            text = raw_call(client.src, "load_trace", [payload, []])
+            assert "Trace loaded" not in text, (payload, text[-300:])
+            assert "not uploaded" in text or "validation error" in text or "Invalid file" in text, text[-300:]
+    status = client.predict(handle_file(str(trace)), api_name="/load_trace")[STATUS]  # uploaded: fine
+    assert status.startswith("✓ Trace loaded"), status

@@ -141,3 +141,81 @@ def test_embedded_default_screenshot(tmp_path, browser):
         save_artifact(page, "screenshot-embedded.png", tmp_path, os.environ.get("MMSPEC_SCREENSHOT"), full_page=True)
     finally:
         demo.close()
+
+
+def test_crafted_traces_run_no_script(tiny_dir, tmp_path, browser):
+    """Traces with a script payload in every text field (and, refused, in numeric ones) replayed in the page:
+    nothing runs, no element is injected, and the payload shows as text (escaped once, not twice)."""
+    import crafted
+
+    race = crafted.diverged(crafted.real_race(tiny_dir))
+    cases = [(crafted.write(tmp_path / f"poisoned-{i}.json", crafted.poisoned(race, p)), p)
+             for i, p in enumerate(crafted.PAYLOADS)]
+    numeric = crafted.poisoned(race, crafted.PAYLOADS[0])
+    numeric["speculative"]["steps"][1]["tree"]["depths"][0] = crafted.PAYLOADS[0]
+    numeric["vanilla"]["steps"][1]["index"] = crafted.PAYLOADS[0]
+    numeric["vanilla"]["token_ids"][0] = crafted.PAYLOADS[0]
+    cases.append((crafted.write(tmp_path / "numeric.json", numeric), None))  # refused: nothing drawn
+    demo = tiny_demo(tiny_dir, make_examples(tmp_path / "examples"))
+    expect = sync_api.expect
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        url = serve(demo)
+        for path, payload in cases:
+            page.goto(url)  # a fresh page: the upload box holds one file
+            page.wait_for_selector("#mmspec-run", timeout=30_000)
+            page.get_by_role("tab", name="Trace").click()
+            page.locator("#mmspec-trace-upload input[type=file]").set_input_files(str(path))
+            expect(page.locator("#mmspec-status")).to_contain_text("Trace loaded" if payload else "malformed",
+                                                                   timeout=60_000)
+            for tab in ("Step inspector", "Vanilla vs speculative", "Drafter internals", "Session runs"):
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(300)
+            if payload:
+                expect(page.locator(".mmspec-diff")).to_contain_text("differs at token")
+                page.locator("#mmspec-spec-pane .tok").first.hover()
+                spec_text = page.locator("#mmspec-spec-pane").inner_text()
+                assert payload in spec_text and "&lt;" not in spec_text  # shown as text, escaped exactly once
+            page.wait_for_timeout(500)
+            injected = page.evaluate("""() => ({
+                flag: window.__mmspec_xss === undefined ? null : window.__mmspec_xss,
+                handlers: document.querySelectorAll('[onerror],[onload]').length,
+                imgs: document.querySelectorAll('img[src="x"]').length,
+                scripts: [...document.scripts].filter(s => s.text.includes('__mmspec_xss')).length,
+            })""")
+            assert injected == {"flag": None, "handlers": 0, "imgs": 0, "scripts": 0}, (path.name, injected)
+        assert not dialogs
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_closing_the_tab_releases_the_session(tiny_dir, tmp_path, browser):
+    """demo.unload: the session's trace file and its state go when its tab closes."""
+    import time
+
+    import crafted
+
+    trace = crafted.write(tmp_path / "race.json", crafted.real_race(tiny_dir))
+    demo = tiny_demo(tiny_dir, make_examples(tmp_path / "examples"))
+    try:
+        page = browser.new_page()
+        page.goto(serve(demo))
+        page.wait_for_selector("#mmspec-run", timeout=30_000)
+        before = set(app.TRACE_DIR.iterdir())
+        page.get_by_role("tab", name="Trace").click()
+        page.locator("#mmspec-trace-upload input[type=file]").set_input_files(str(trace))
+        sync_api.expect(page.locator("#mmspec-status")).to_contain_text("Trace loaded", timeout=60_000)
+        made = set(app.TRACE_DIR.iterdir()) - before
+        sessions = [s for s, st in demo.state_holder.session_data.items() if st.state_data]
+        assert len(made) == 1 and len(sessions) == 1
+        page.close()
+        deadline = time.monotonic() + 90  # Gradio notices a closed tab at its next heartbeat
+        while time.monotonic() < deadline and (made & set(app.TRACE_DIR.iterdir())):
+            time.sleep(1)
+        assert not made & set(app.TRACE_DIR.iterdir())
+        assert not demo.state_holder.session_data[sessions[0]].state_data
+    finally:
+        demo.close()

@@ -314,3 +314,20 @@ def test_saved_benchmark_figures_are_labelled(tmp_path):
     (tmp_path / "broken.fig.json").write_text("{not json")
     (tmp_path / "speed_x.fig.json").write_text(saved["speed_cpu"].figure.to_json())
     assert [f.name for f in saved_figures(tmp_path)] == ["speed_x"]
+
+
+def test_numbers_from_a_trace_are_escaped_where_drawn(runs):
+    """The schema refuses text in numeric fields; rendering escapes them anyway (the three holes the
+    issue found: a tree's depths, token ids in the diff, a vanilla step's index)."""
+    bad = '<img src=x onerror="alert(1)">'
+    spec, van = copy.deepcopy(runs["self"]), copy.deepcopy(runs["vanilla"])
+    step = next(s for s in spec.steps if s.accepted)
+    step.tree.depths[step.accepted[0]] = bad
+    step.tree.tokens[step.accepted[0]] = bad
+    van.steps[1].index = bad
+    spec.token_ids[3] = bad
+    out = [tokens.tokens_html(spec), tokens.tokens_html(van), tokens.diff_html(van, spec)]
+    fig = tree_fig.tree_figure(spec, spec.steps.index(step))
+    out += [str(t.hovertext) for t in fig.data] + [a.text + str(a.hovertext) for a in fig.layout.annotations]
+    assert all("<img" not in o for o in out)
+    assert sum("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in o for o in out) >= 3

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 
 from mmspec.trace import Generation
 from viz.style import BLUE, FONT_COLOUR, GREEN, SKY, empty_figure, style_figure
+from viz.tokens import esc
 
 
 def acceptance_by_depth_figure(gen: Generation | None) -> go.Figure:
@@ -94,7 +95,7 @@ def summary_figure(rows: list[dict[str, Any]]) -> go.Figure:
     rows = [r for r in rows if r.get("speed-up") is not None]
     if not rows:
         return empty_figure("Runs you make in this session are compared here.", height=240)
-    labels = [f"#{r['#']} {r['drafter']}<br>{r['shape']}" for r in rows]
+    labels = [f"#{esc(r['#'])} {esc(r['drafter'])}<br>{esc(r['shape'])}" for r in rows]
     fig = go.Figure(go.Bar(
         x=labels, y=[r["speed-up"] for r in rows], marker_color=[GREEN if r["speed-up"] >= 1 else "#D55E00" for r in rows],
         text=[f"{r['speed-up']:.2f}× · τ {r['τ']:.2f}" for r in rows], textposition="outside",

@@ -89,6 +89,11 @@ def token_html(text: str) -> str:
     return "".join(out)
 
 
+def esc(value) -> str:
+    """Any value (text or a number from a trace) as HTML text or attribute: escaped once, here."""
+    return html.escape(str(value), quote=True)
+
+
 def quoted(text: str) -> str:
     return "‘" + visible_text(text) + "’"
 
@@ -207,8 +212,8 @@ def tooltip(f: TokenFate) -> str:
 
 
 def span(f: TokenFate) -> str:
-    return (f'<span class="tok tok-{f.fate}" data-step="{f.step}" data-depth="{f.depth}" '
-            f'title="{html.escape(tooltip(f), quote=True)}">{token_html(f.text)}</span>')
+    return (f'<span class="tok tok-{esc(f.fate)}" data-step="{esc(f.step)}" data-depth="{esc(f.depth)}" '
+            f'title="{esc(tooltip(f))}">{token_html(f.text)}</span>')
 
 
 def step_spans(gen: Generation, vocab: dict[int, str] | None = None) -> list[str]:
@@ -232,7 +237,7 @@ def legend_html(counts: dict[str, int] | None = None) -> str:
     samples = {"accepted": "draft", "correction": "fix", "bonus": "bonus", "rejected": "rejected", "target": "plain"}
     items = []
     for fate in ("accepted", "correction", "bonus", "rejected", "target"):
-        n = f" <b>{counts[fate]}</b>" if counts and fate in counts else ""
+        n = f" <b>{esc(counts[fate])}</b>" if counts and fate in counts else ""
         items.append(f'<span class="key"><span class="tok tok-{fate}">{samples[fate]}</span>'
                      f' <span class="desc">{html.escape(FATE_LABELS[fate])}</span>{n}</span>')
     return '<div class="mmspec-legend">' + "".join(items) + "</div>"
@@ -246,7 +251,7 @@ def header_html(title: str, subtitle: str = "", tokens: int | None = None, elaps
     if subtitle:
         parts.append(f'<span class="sub">{html.escape(subtitle)}</span>')
     if tokens is not None:
-        parts.append(f'<span class="stat"><b>{tokens}</b> tokens</span>')
+        parts.append(f'<span class="stat"><b>{esc(tokens)}</b> tokens</span>')
     if elapsed_s is not None:
         parts.append(f'<span class="stat"><b>{elapsed_s:.2f}</b> s</span>')
     if tokens_per_s is not None:
@@ -286,7 +291,7 @@ def diff_html(vanilla: Generation | None, spec: Generation | None) -> str:
     def side(texts: list[str], ids: list[int]) -> str:
         lo = max(0, i - 40)
         pre = "".join(token_html(t) for t in texts[lo:i])
-        here = (f'<span class="tok tok-diverge" title="token {i}: id {ids[i]}">{token_html(texts[i])}</span>'
+        here = (f'<span class="tok tok-diverge" title="token {i}: id {esc(ids[i])}">{token_html(texts[i])}</span>'
                 if i < len(texts) else '<span class="tok tok-diverge">[end]</span>')
         post = "".join(token_html(t) for t in texts[i + 1 : i + 30])
         return ("…" if lo else "") + pre + here + f'<span class="sub" style="opacity:.55">{post}</span>'
@@ -296,6 +301,6 @@ def diff_html(vanilla: Generation | None, spec: Generation | None) -> str:
            "At temperature 0 the outputs must match. A divergence means a near-tie in the target's logits that "
            "batched verification resolved differently from one-token decoding (bf16/fp16 on GPU), or a bug.")
     return (f'<div class="mmspec-diff"><span class="differ">✗ differs at token {i}</span> '
-            f'(vanilla {len(a)} tokens, speculative {len(b)}). {html.escape(why)}'
+            f'(vanilla {len(a)} tokens, speculative {len(b)}). {esc(why)}'
             f'<div>vanilla:</div><div class="side">{side(ta, a)}</div>'
             f'<div>speculative:</div><div class="side">{side(tb, b)}</div></div>')

@@ -18,9 +18,10 @@ from PIL import Image
 
 from mmspec.errors import InputError
 from mmspec.trace import Generation
+from viz.schema import TraceLimits, check_bundle, check_generation
 
 FORMAT = "mmspec-race"
-MAX_TRACE_BYTES = 64 * 1024 * 1024
+MAX_THUMBNAIL_SIDE = 2048  # a thumbnail claiming more pixels is dropped before it is decoded
 
 
 @dataclass
@@ -51,6 +52,8 @@ def image_from_uri(uri: str | None) -> Image.Image | None:
     try:
         raw = base64.b64decode(uri.split(",", 1)[1])
         with Image.open(io.BytesIO(raw)) as im:
+            if max(im.size) > MAX_THUMBNAIL_SIDE:  # its header is read, not its pixels: no bomb
+                return None
             return im.convert("RGB")
     except Exception:  # noqa: BLE001 - a broken thumbnail only loses the picture
         return None
@@ -67,47 +70,53 @@ def pack(bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def _generation(d: Any, what: str) -> Generation | None:
-    if d is None:
-        return None
-    try:
-        return Generation.from_dict(d)
-    except (TypeError, KeyError, AttributeError, ValueError) as e:
-        raise InputError(f"the {what} run in this trace is malformed ({type(e).__name__}: {e})") from e
+def _generation(d: Any) -> Generation | None:
+    # Only called on data that viz.schema accepted: from_dict cannot fail on it.
+    return None if d is None else Generation.from_dict(d)
 
 
-def unpack(data: Any) -> Bundle:
+def unpack(data: Any, limits: TraceLimits = TraceLimits()) -> Bundle:
+    """A Bundle from parsed JSON, after viz.schema has checked every value in it."""
     if not isinstance(data, dict):
         raise InputError("not an mmspec trace: the JSON is not an object")
     if "vanilla" in data or "speculative" in data:
-        van = _generation(data.get("vanilla"), "vanilla")
-        spec = _generation(data.get("speculative"), "speculative")
+        check_bundle(data, limits)
+        van, spec = _generation(data.get("vanilla")), _generation(data.get("speculative"))
         if van is None and spec is None:
             raise InputError("this trace holds no run")
-        texts = {}
-        for k, v in (data.get("token_texts") or {}).items():
-            try:
-                texts[int(k)] = str(v)
-            except (TypeError, ValueError):
-                continue
+        texts = {int(k): v for k, v in (data.get("token_texts") or {}).items()}
         return Bundle(van, spec, image_from_uri(data.get("image")), texts)
     if "steps" in data and "stats" in data:
-        gen = _generation(data, "saved")
+        check_generation(data, "trace", limits)
+        gen = _generation(data)
         return Bundle(gen, None) if gen.mode == "vanilla" else Bundle(None, gen)
     raise InputError("not an mmspec trace: expected {\"vanilla\": ..., \"speculative\": ...} or one saved Generation")
 
 
-def load(path: str | Path) -> Bundle:
+def _no_constant(name: str):
+    raise InputError(f"this trace is malformed: it holds {name}, which is not a number JSON allows")
+
+
+def parse(raw: bytes, name: str = "the trace") -> Any:
+    """JSON without NaN / Infinity; nesting too deep or integers too long are refused too."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError as e:
+        raise InputError(f"{name} is not an mmspec trace (nested too deeply)") from e
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over Python's digit limit
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{name} is not an mmspec trace (not JSON: {str(e)[:200]})") from e
+
+
+def load(path: str | Path, limits: TraceLimits = TraceLimits()) -> Bundle:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"trace file {p.name} does not exist")
-    if p.stat().st_size > MAX_TRACE_BYTES:
-        raise InputError(f"trace file is larger than {MAX_TRACE_BYTES // 2**20} MB")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{p.name} is not an mmspec trace (not JSON: {e})") from e
-    return unpack(data)
+    size = p.stat().st_size
+    if size > limits.max_bytes:
+        raise InputError(f"the trace file has {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:g} MB")
+    return unpack(parse(p.read_bytes(), p.name), limits)
 
 
 def save(bundle: Bundle, path: str | Path) -> Path:

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from mmspec.trace import Generation, StepRecord
 from viz.style import BLUE, FONT_COLOUR, GREEN, GREY, ORANGE, RED, empty_figure, style_figure
-from viz.tokens import token_vocab, visible_text
+from viz.tokens import esc, token_vocab, visible_text
 
 STATUS_LABEL = {
     "root": "root (last committed token)",
@@ -170,7 +170,7 @@ def _node_label(step: StepRecord, i: int, status: str, vocab: dict[int, str]) ->
     p = step.target_probs[i] if i < len(step.target_probs) else None
     want_id = step.target_tokens[i] if i < len(step.target_tokens) else None
     want = vocab.get(want_id, f"#{want_id}") if want_id is not None else None
-    hover = [f"<b>{html.escape(visible_text(tok_txt))}</b> (id {tree.tokens[i]}) · depth {tree.depths[i]}",
+    hover = [f"<b>{html.escape(visible_text(tok_txt))}</b> (id {esc(tree.tokens[i])}) · depth {esc(tree.depths[i])}",
              STATUS_LABEL[status], f"draft q = {q:.3f}"]
     if p is not None:
         hover.append(f"target p = {p:.3f} · min(1, p/q) = {_ratio(p, q)}")
@@ -202,7 +202,7 @@ def _next_label(step: StepRecord, kind: str) -> Label:
     label = html.escape(_short(nt))
     label = f"<u>{label}</u>" if kind == "bonus" else label
     label += f"<br><span style='font-size:10px'>{kind}</span>"
-    hover = f"<b>{html.escape(visible_text(nt))}</b> (id {step.next_token})<br>{STATUS_LABEL[kind]}"
+    hover = f"<b>{html.escape(visible_text(nt))}</b> (id {esc(step.next_token)})<br>{STATUS_LABEL[kind]}"
     return label, [(_short(nt), False), (kind, True)], hover
 
 

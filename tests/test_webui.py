@@ -1,0 +1,162 @@
+"""webui/ without Gradio: which files a request may name, public-mode policy, bounded bookkeeping."""
+from __future__ import annotations
+
+import pytest
+
+from mmspec import InputError
+from webui.policy import Limits, Policy, make_policy, parse_pairs, public_mode
+from webui.request import FILE_DATA, Rules, parse_request, uploaded_file
+from webui.session import ModelCache, RateLimiter, RunRegistry, SessionFiles, model_key
+
+META = {"_type": FILE_DATA}
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    upload = tmp_path / "gradio"
+    upload.mkdir()
+    (upload / "img.png").write_bytes(b"x")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    (upload / "link.png").symlink_to(outside)
+    return upload, outside
+
+
+def test_only_uploads_and_examples_are_read(dirs):
+    upload, outside = dirs
+    ok = str(upload / "img.png")
+    assert uploaded_file({"path": ok, "meta": META}, str(upload)) == ok
+    assert uploaded_file(None, str(upload)) is None
+    assert uploaded_file({"path": str(outside)}, str(upload), examples={str(outside)}) == str(outside)
+    refused = ["/etc/passwd", {"path": "/etc/passwd"}, {"path": "/etc/passwd", "meta": META},
+               {"path": ok}, {"path": ok, "meta": {"_type": "other"}},  # no FileData marker
+               {"path": str(upload / "link.png"), "meta": META},  # a link out of the upload folder
+               {"path": str(upload / ".." / "secret.png"), "meta": META}, {"path": 3, "meta": META}, ["x"]]
+    for payload in refused:
+        with pytest.raises(InputError, match="upload"):
+            uploaded_file(payload, str(upload))
+
+
+def rules(public: bool, upload: str) -> Rules:
+    policy = make_policy(public, "/models/target", ["/models/draft", "ngram"], env={"MMSPEC_PUBLIC_PAIRS": "hub/t=hub/d"})
+    return Rules(Limits.public() if public else Limits(), policy, upload, frozenset())
+
+
+ARGS = dict(shape="chain", chain_len=4, budget=8, depth=3, topk=2, temperature=0.0, top_p=1.0, seed=0, max_tokens=8)
+
+
+def test_public_policy_refuses_typed_models(dirs):
+    upload, _ = dirs
+    r = rules(True, str(upload))
+    img = {"path": str(upload / "img.png"), "meta": META}
+    for target, drafter in [("/models/other", "ngram"), ("someone/any-model", "ngram"), ("/models/target", "/tmp/d"),
+                            ("/models/target", "someone/draft"), ("/models/target", "hub/d"), ("hub/t", "/models/draft")]:
+        with pytest.raises(InputError, match="public app runs only"):
+            parse_request(r, img, "hi", target, drafter, **ARGS)
+    with pytest.raises(InputError, match="between 1 and 256"):
+        parse_request(r, img, "hi", "/models/target", "ngram", **{**ARGS, "max_tokens": 10_000})
+    with pytest.raises(InputError, match="too long"):
+        parse_request(r, img, "x" * 501, "/models/target", "ngram", **ARGS)
+    # the listed pairs pass the policy (then fail on the fake image, which is not a picture)
+    for target, drafter in [("/models/target", "/models/draft"), ("/models/target", "random"), ("hub/t", "hub/d")]:
+        with pytest.raises(InputError, match="not a readable image"):
+            parse_request(r, img, "hi", target, drafter, **ARGS)
+    open_rules = rules(False, str(upload))  # not public: any model may be named
+    with pytest.raises(InputError, match="not a readable image"):
+        parse_request(open_rules, img, "hi", "someone/any-model", "/tmp/d", **ARGS)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "temperature"), ("max_tokens", float("inf"), "numbers"),
+    ("seed", 2**64, "seed"), ("seed", -1, "seed"), ("top_p", float("nan"), "top-p"),
+    ("chain_len", float("inf"), "whole numbers"),
+])
+def test_bad_numbers(dirs, field, value, message):
+    upload, _ = dirs
+    img = {"path": str(upload / "img.png"), "meta": META}
+    with pytest.raises(InputError, match=message):
+        parse_request(rules(False, str(upload)), img, "hi", "t", "ngram", **{**ARGS, field: value})
+
+
+def test_public_mode_from_env():
+    assert public_mode({"SPACE_ID": "user/space"}) and public_mode({"MMSPEC_PUBLIC": "1"})
+    assert not public_mode({}) and not public_mode({"MMSPEC_PUBLIC": "0"})
+    assert parse_pairs("a=b|c; d=") == {"a": ("b", "c"), "d": ()}
+    p = Policy(True, {"t": ("d",)})
+    assert p.targets == ["t"] and p.drafters() == ["d", "ngram", "random"]
+
+
+def test_stop_table_does_not_grow_from_fresh_session_ids():
+    runs = RunRegistry()
+    for i in range(5000):
+        assert not runs.stop(f"visitor-{i}")
+    assert len(runs) == 0
+    with runs.running("s") as event:
+        assert len(runs) == 1 and runs.stop("s") and event.is_set() and runs.event("s") is event
+    assert len(runs) == 0 and not runs.event("s").is_set()
+
+
+def test_rate_limiter():
+    lim = RateLimiter(per_minute=3, max_sessions=10)
+    with lim.slot("a") as ok, lim.slot("a") as again:
+        assert ok and not again  # one at a time per session
+    for _ in range(2):
+        with lim.slot("a") as ok:
+            assert ok
+    with lim.slot("a") as ok:
+        assert not ok  # the fourth in a minute
+    with lim.slot("b") as ok:
+        assert ok  # other sessions unaffected
+    for i in range(1000):
+        with lim.slot(f"s{i}"):
+            pass
+    assert len(lim.seen) == 10
+
+
+def test_session_files(tmp_path):
+    files = SessionFiles(keep=1, max_sessions=2)
+    paths = [tmp_path / f"{i}.json" for i in range(5)]
+    for p in paths:
+        p.write_text("{}")
+    files.add("a", paths[0])
+    files.add("a", paths[1])
+    assert not paths[0].exists() and paths[1].exists()  # only the latest is kept
+    files.add("b", paths[2])
+    files.add("c", paths[3])  # evicts a (the oldest)
+    assert not paths[1].exists()
+    files.release("b")
+    assert not paths[2].exists() and paths[3].exists()
+
+
+def test_one_cache_entry_per_model_directory(tiny_dir, tmp_path):
+    draft = tiny_dir / "llava-draft"
+    (tmp_path / "alias").symlink_to(draft)
+    aliases = [str(draft), str(draft) + "/", str(draft / ".." / "llava-draft"), str(tmp_path / "alias")]
+    assert len({model_key(a) for a in aliases}) == 1
+    cache = ModelCache(max_targets=1, max_drafters=2)
+    target = cache.target(str(tiny_dir / "llava"))
+    assert cache.target(str(tiny_dir / "llava") + "/") is target
+    drafters = {id(cache.drafter(a, target)) for a in aliases}
+    assert len(drafters) == 1 and len(cache.drafters) == 1
+    cache.drafter(str(tiny_dir / "text-draft"), target)
+    cache.drafter(str(tiny_dir / "llava"), target)
+    cache.drafter(str(tiny_dir / "llava-peaky-draft"), target)
+    assert len(cache.drafters) == 2  # bounded: least recently used dropped
+    assert cache.drafter("ngram", target) is not cache.drafter("ngram", target)  # model-free: made fresh
+
+
+def test_image_limits(dirs):
+    """Pixels are counted from the header, before decoding; bytes from the file size."""
+    from PIL import Image
+
+    upload, _ = dirs
+    big = upload / "big.png"
+    Image.new("L", (5000, 4000)).save(big)  # 20 MP, a few KB on disk
+    img = {"path": str(big), "meta": META}
+    with pytest.raises(InputError, match="megapixels"):
+        parse_request(rules(True, str(upload)), img, "hi", "/models/target", "ngram", **ARGS)
+    heavy = upload / "heavy.png"
+    heavy.write_bytes(b"\0" * (9 * 2**20))
+    with pytest.raises(InputError, match="the limit is 8 MB"):
+        parse_request(rules(True, str(upload)), {"path": str(heavy), "meta": META}, "hi", "/models/target", "ngram",
+                      **ARGS)
