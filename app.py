@@ -38,7 +38,9 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from mmspec import DecodeConfig, Decoder, InputError
+from mmspec.defaults import default_method
 from mmspec.load import ASSETS, DEFAULT_TARGET
+from mmspec.tree import TreeSpec, parse_tree_spec
 from viz import bench, charts, internals, race, tokens, traceio, tree_fig
 from viz.style import CSS
 from webui.policy import Limits, make_policy, public_mode
@@ -114,6 +116,7 @@ class AppConfig:
     fps: float
     live_every_s: float
     cache_examples: bool
+    default_tree: TreeSpec  # the shape the controls start at
 
 
 def read_examples(folder: Path | None) -> list[tuple[str, str]]:
@@ -176,7 +179,14 @@ def make_config(default_target=None, drafters=None, default_drafter=None, exampl
     missing = not (Path(target).exists() or ("/" in target and not target.startswith((".", "/", "~"))))
     dlist = _drafter_list(drafters)
     values = [v for _, v in dlist]
-    dd = default_drafter if default_drafter in values else values[0]
+    # Without a choice: the fastest method measured on a GPU for the embedded target (bench/speed.py).
+    measured = default_method() if target == str(DEFAULT_TARGET) else None
+    if default_drafter in values:
+        dd, default_tree = default_drafter, "chain:4"
+    elif measured is not None and measured.drafter in values:
+        dd, default_tree = measured.drafter, measured.tree
+    else:
+        dd, default_tree = values[0], "chain:4"
     ex_dir = Path(examples_dir) if examples_dir else Path(os.environ.get("MMSPEC_EXAMPLES") or DEFAULT_EXAMPLES)
     examples = read_examples(ex_dir)
     hashes = set()
@@ -194,7 +204,8 @@ def make_config(default_target=None, drafters=None, default_drafter=None, exampl
     limits = Limits(**{**vars(limits), "queue_size": int(os.environ.get("MMSPEC_QUEUE_SIZE", limits.queue_size))})
     rules = Rules(limits, policy, get_upload_folder(), frozenset(os.path.realpath(p) for p, _ in examples))
     return AppConfig(str(target), missing, dlist, dd, examples, hashes, limits.max_new_tokens, public, rules,
-                     float(race_min_s), float(race_max_s), float(fps), float(live_every_s), bool(cache_examples))
+                     float(race_min_s), float(race_max_s), float(fps), float(live_every_s), bool(cache_examples),
+                     parse_tree_spec(default_tree))
 
 
 # ---------------------------------------------------------------------------- views (from a Bundle)
@@ -470,13 +481,17 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
                                          label="Drafter", elem_id="mmspec-drafter",
                                          info="vanilla is always run as the baseline" +
                                          ("" if cfg.public else "; a path or hub id works too"))
-                ui.shape = gr.Radio(["chain", "tree (dynamic)"], value="chain", label="Draft shape")
-                with gr.Row(visible=True) as chain_row:
-                    ui.chain_len = gr.Slider(1, 16, value=4, step=1, label="chain length")
-                with gr.Row(visible=False) as tree_row:
-                    ui.budget = gr.Slider(1, 128, value=16, step=1, label="budget (nodes)")
-                    ui.depth = gr.Slider(1, 12, value=4, step=1, label="depth")
-                    ui.topk = gr.Slider(1, 10, value=3, step=1, label="top-k")
+                t0 = cfg.default_tree
+                tree0 = t0.kind == "dynamic"
+                ui.shape = gr.Radio(["chain", "tree (dynamic)"], value="tree (dynamic)" if tree0 else "chain",
+                                    label="Draft shape")
+                with gr.Row(visible=not tree0) as chain_row:
+                    ui.chain_len = gr.Slider(1, 16, value=t0.depth if t0.kind == "chain" else 4, step=1,
+                                             label="chain length")
+                with gr.Row(visible=tree0) as tree_row:
+                    ui.budget = gr.Slider(1, 128, value=t0.budget if tree0 else 16, step=1, label="budget (nodes)")
+                    ui.depth = gr.Slider(1, 12, value=t0.depth if tree0 else 4, step=1, label="depth")
+                    ui.topk = gr.Slider(1, 10, value=t0.topk if tree0 else 3, step=1, label="top-k")
                 with gr.Row():
                     ui.max_tokens = gr.Slider(1, cfg.token_limit, value=min(default_max_new_tokens, cfg.token_limit),
                                               step=1, label="max new tokens")

@@ -53,3 +53,17 @@ def test_cli_without_drafter_uses_the_recorded_default(monkeypatch):
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--target", "some/dir"])
     cli._with_defaults(args)
     assert (args.drafter, args.tree) == FALLBACK
+
+
+def test_app_starts_at_the_measured_default(monkeypatch, tmp_path):
+    import app
+    from mmspec.defaults import DefaultMethod
+
+    vlm = str(MODELS / "mmspec-draft-vlm")
+    monkeypatch.setattr(app, "default_method", lambda: DefaultMethod(vlm, "dynamic:24,5,4"))
+    cfg = app.make_config(cache_examples=False)
+    assert cfg.default_drafter == vlm and cfg.default_tree.describe() == "dynamic:24,5,4"
+    cfg = app.make_config(default_drafter="ngram", cache_examples=False)  # an explicit choice wins
+    assert cfg.default_drafter == "ngram" and cfg.default_tree.describe() == "chain:4"
+    monkeypatch.setattr(app, "default_method", lambda: DefaultMethod("/not/offered", "chain:8"))
+    assert app.make_config(cache_examples=False).default_tree.describe() == "chain:4"
