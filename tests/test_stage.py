@@ -384,7 +384,8 @@ def test_feature_drafter_card_is_prose_and_tables():
     assert "Variant dream (DREAM" in text and "layers it reads: 3, 6, 15" in text and card.LAYER_RULE in text
     skipped = next(s for s in card.layer_sentences(info) if "lower entropy" in s)
     assert "9" in skipped and "11" in skipped and "first 7 of 16" in skipped  # why L9/L11 are not chosen
-    assert "1,054,593" in text and "0.8526 (untrained: 0.0013)" in text
+    held, before = info["quality"]["heldout"], info["quality"]["before_training"]  # as the shipped card says
+    assert f"{info['params']:,}" in text and f"{held['acc0']:g} (untrained: {before['acc0']:g})" in text
     assert out.count("<table") == 3
 
 
