@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto",
                    help="preallocated KV cache + CUDA graphs: auto = on for a target on one GPU; "
                         "on = also on the CPU (cache only); off = eager forwards, growing cache")
+    g.add_argument("--family", default=None, help="force a family adapter (llava, qwen2_vl, gemma3, paligemma, text)")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap
@@ -68,7 +69,8 @@ def _generate(args) -> int:
             max_memory = {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
         except ValueError as e:
             raise InputError(f"--max-memory wants DEVICE=SIZE[,DEVICE=SIZE...], got {args.max_memory!r}") from e
-    target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory)
+    target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory,
+                         family=args.family)
     drafter = load_drafter(args.drafter, target)
     gen = generate(target, drafter, image, args.prompt, config)
     if args.trace:
