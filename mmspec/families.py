@@ -70,6 +70,38 @@ def _no_video_processor(cls):
     return PilProcessor
 
 
+def _processor_class(name: str):
+    """The processor class called `name`. A processing module that imports its torchvision image
+    processor only to borrow a helper (Pixtral) is imported with the PIL image processor module,
+    which defines the same helpers, standing in for the torchvision one."""
+    import importlib
+    import sys
+
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    cls = processor_class_from_name(name)
+    if cls is not None and type(cls).__name__ != "DummyObject":
+        return cls
+    for model_type in (t for t, n in PROCESSOR_MAPPING_NAMES.items() if n == name):
+        package = f"transformers.models.{model_type_to_module_name(model_type)}"
+        short = package.rsplit(".", 1)[1]
+        tv, pil = f"{package}.image_processing_{short}", f"{package}.image_processing_pil_{short}"
+        try:
+            importlib.import_module(tv)
+            continue  # torchvision is importable after all: the mapping's class is the real one
+        except ModuleNotFoundError as e:
+            if "torchvision" not in str(e):
+                raise
+        sys.modules[tv] = importlib.import_module(pil)
+        try:
+            module = importlib.import_module(f"{package}.processing_{short}")
+        finally:
+            del sys.modules[tv]
+        return getattr(module, name)
+    raise InputError(f"{name} needs torchvision, which mmspec does not require; install torchvision to use it")
+
+
 def _processor_class_name(where: str, model_type: str) -> str | None:
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
@@ -86,16 +118,12 @@ class Family:
     name = "base"
     model_types: tuple[str, ...] = ()
     sees_image = True
-    # Whether entropy.py can rebuild this family's attention from q_proj, rotary_emb and the cached keys.
-    attention_recomputable = False
 
     # --- processor and prompt
 
     def load_processor(self, where: str, config):
-        from transformers.models.auto.processing_auto import processor_class_from_name
-
         name = _processor_class_name(where, config.model_type)
-        cls = processor_class_from_name(name) if name else None
+        cls = _processor_class(name) if name else None
         if cls is None:
             raise InputError(f"no processor class is known for {config.model_type} in {where}")
         return _no_video_processor(cls).from_pretrained(where)
@@ -154,19 +182,36 @@ class Family:
             return {"": window}
         return None
 
-    def check(self, config) -> None:
-        """Refuse a model whose cache mmspec cannot roll back exactly."""
-        cfg = text_config(config)
-        other = sorted(set(getattr(cfg, "layer_types", None) or ()) - EXACT_LAYERS)
-        if other:
-            raise InputError(
-                f"{config.model_type} has {', '.join(other)} layers, whose state (linear attention / recurrent) "
-                "cannot be rolled back to a draft's accepted prefix exactly; mmspec refuses it")
-
     @contextmanager
     def graph_capture(self, model) -> Iterator[None]:
         """Held while a CUDA graph of this family's forward is captured (and test-run before it)."""
         yield
+
+
+def check_rollback(config) -> None:
+    """Refuse a model whose cache mmspec cannot roll back exactly (whatever adapter would take it)."""
+    cfg = text_config(config)
+    other = sorted(set(getattr(cfg, "layer_types", None) or ()) - EXACT_LAYERS)
+    if other:
+        raise InputError(
+            f"{config.model_type} has {', '.join(other)} layers, whose state (linear attention / recurrent) "
+            "cannot be rolled back to a draft's accepted prefix exactly; mmspec refuses it")
+
+
+# Text decoders whose attention entropy.py rebuilds exactly: q = rotary(q_proj(input_layernorm(h))),
+# scores against the cached keys with a causal mask (no query norm, no window, no interleaved rotary).
+RECOMPUTABLE_DECODERS = {"llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "mistral", "gemma"}
+
+
+def attention_recompute_problem(config) -> str | None:
+    """Why entropy.py cannot recompute this model's attention (None: it can)."""
+    cfg = text_config(config)
+    kind = getattr(cfg, "model_type", "")
+    if kind not in RECOMPUTABLE_DECODERS:
+        return f"its {kind} decoder's attention (query norm, softcapping or rotary layout) is not rebuilt by mmspec"
+    if FAMILIES[0].windows(config) is not None:
+        return "its sliding-window layers are not rebuilt by mmspec"
+    return None
 
 
 def attention_masks(windows: dict[str, int | None] | None, allowed: torch.Tensor, dist: torch.Tensor, additive):
@@ -180,9 +225,7 @@ def attention_masks(windows: dict[str, int | None] | None, allowed: torch.Tensor
 
 class LlavaFamily(Family):
     name = "llava"
-    model_types = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "mistral3", "aya_vision",
-                   "internvl")
-    attention_recomputable = True
+    model_types = ("llava", "llava_next", "llava_onevision", "idefics3", "mistral3", "aya_vision", "internvl")
 
     @contextmanager
     def graph_capture(self, model) -> Iterator[None]:
@@ -201,12 +244,24 @@ class LlavaFamily(Family):
             del inner.get_placeholder_mask
 
 
+class SmolVLMFamily(LlavaFamily):
+    name = "smolvlm"
+    model_types = ("smolvlm",)
+
+    def prompt_text(self, processor, prompt, with_image):
+        # SmolVLM's apply_chat_template only adds video defaults, read from the video processor we
+        # do not load; the shared template rendering underneath is what an image prompt needs.
+        from transformers.processing_utils import ProcessorMixin
+
+        return ProcessorMixin.apply_chat_template(processor, chat_messages(prompt, with_image),
+                                                  add_generation_prompt=True, tokenize=False)
+
+
 class Gemma3Family(LlavaFamily):
     """Image tokens see their whole image both ways (in the prompt only); sliding-window layers."""
 
     name = "gemma3"
     model_types = ("gemma3",)
-    attention_recomputable = False
 
     def prefill_blocks(self, inputs):
         types = inputs.get("token_type_ids")
@@ -240,16 +295,15 @@ class PaliGemmaFamily(Family):
         return self.position_ids(torch.arange(inputs["input_ids"].shape[1]), 1)
 
     def prefill_blocks(self, inputs):
+        # As transformers does: the prefix is where the processor's token_type_ids are 0; without
+        # them the model runs causally, and so do we.
         types = inputs.get("token_type_ids")
-        P = inputs["input_ids"].shape[1]
-        prefix = torch.ones(P, dtype=torch.bool) if types is None else types[0].cpu() == 0
-        return torch.where(prefix, 0, -1)
+        return None if types is None else torch.where(types[0] == 0, 0, -1)
 
 
 class TextFamily(Family):
     name = "text"
     sees_image = False
-    attention_recomputable = True
 
     def load_processor(self, where, config):
         from transformers import AutoTokenizer
@@ -260,7 +314,6 @@ class TextFamily(Family):
 class Qwen2VLFamily(Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
-    attention_recomputable = True
 
     def _rope_index(self, model, inputs):
         inner = model.model if hasattr(model.model, "get_rope_index") else model
@@ -283,13 +336,15 @@ class Qwen2VLFamily(Family):
         return (seq_pos + offset).view(1, 1, -1).expand(3, 1, -1)
 
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), Qwen2VLFamily(), Gemma3Family(), PaliGemmaFamily(), TextFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), Qwen2VLFamily(), SmolVLMFamily(), Gemma3Family(), PaliGemmaFamily(),
+                                TextFamily())
 BY_NAME = {fam.name: fam for fam in FAMILIES}
 
 
 def family_for(config, name: str | None = None) -> Family:
     """The adapter for a transformers config, or the one named (`--family`); refuses what is not exact."""
     model_type = getattr(config, "model_type", "")
+    check_rollback(config)
     if name is not None:
         if name not in BY_NAME:
             raise InputError(f"unknown family {name!r}: use one of {', '.join(BY_NAME)}")
@@ -302,5 +357,4 @@ def family_for(config, name: str | None = None) -> Family:
             raise InputError(f"model type {model_type!r} has no mmspec family adapter (known: "
                              f"{', '.join(t for f in FAMILIES for t in f.model_types)}); "
                              "--family NAME forces one at your own risk")
-    fam.check(config)
     return fam

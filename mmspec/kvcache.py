@@ -73,6 +73,10 @@ class StaticKV:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    @property
+    def is_initialized(self) -> bool:  # PaliGemma asks, to tell its prefill from later forwards
+        return bool(self.layers)
+
 
 def new_cache(model) -> DynamicCache:
     """A cache of full layers only, also for a model with sliding-window layers: transformers'

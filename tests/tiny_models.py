@@ -259,3 +259,116 @@ def build_idefics3(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> P
 
 def build_smolvlm(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
     return _idefics_like(out, seed, layers, hidden, "smolvlm")
+
+
+def build_glm4v(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    marks = ("<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>")
+    tok = build_tokenizer(specials=marks, extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    ids = {m: tok.convert_tokens_to_ids(m) for m in marks}
+    torch.manual_seed(seed)
+    cfg = Glm4vConfig(
+        text_config=_llama_text(tok, hidden, layers, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                       "rope_theta": 10000.0, "partial_rotary_factor": 1.0}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+        image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+        video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
+    model = Glm4vForConditionalGeneration(cfg).eval()
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14, merge_size=2)
+    return _save(out, model, tok, ip, "Glm4vProcessor", _template("<|begin_of_image|><|image|><|end_of_image|>"))
+
+
+def build_gemma3(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    """Layer 0 slides over an 8-token window (shorter than the prompt), layer 1 is full; the 4 image
+    tokens attend to each other both ways."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    marks = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    tok = build_tokenizer(specials=marks, extra={"boi_token": marks[0], "eoi_token": marks[1], "image_token": marks[2]})
+    torch.manual_seed(seed)
+    text = _llama_text(tok, hidden, layers, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                       layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
+    cfg = Gemma3Config(text_config=text, vision_config=_siglip(), mm_tokens_per_image=4,
+                       boi_token_index=tok.convert_tokens_to_ids(marks[0]), eoi_token_index=tok.convert_tokens_to_ids(marks[1]),
+                       image_token_index=tok.convert_tokens_to_ids(marks[2]), tie_word_embeddings=False)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return _save(out, model, tok, ip, "Gemma3Processor", _template("<start_of_image>"), image_seq_length=4)
+
+
+def build_paligemma(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from transformers import PaliGemmaProcessor
+
+    tok = build_tokenizer()
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16
+    PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds PaliGemma's location and segmentation tokens
+    torch.manual_seed(seed)
+    text = dict(model_type="gemma", **_llama_text(tok, hidden, layers, head_dim=16))
+    cfg = PaliGemmaConfig(text_config=text, vision_config=_siglip(), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                          projection_dim=hidden, hidden_size=hidden, vocab_size=len(tok), tie_word_embeddings=False)
+    model = PaliGemmaForConditionalGeneration(cfg).eval()
+    return _save(out, model, tok, ip, "PaliGemmaProcessor", _template("<image>"))
+
+
+def build_mistral3(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    """A Mistral text model with a 12-token sliding window (shorter than the prompt)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    marks = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    tok = build_tokenizer(specials=marks, extra={"image_token": "[IMG]"})
+    torch.manual_seed(seed)
+    cfg = Mistral3Config(
+        text_config=dict(model_type="mistral", **_llama_text(tok, hidden, layers, head_dim=16, sliding_window=12)),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8, head_dim=16),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(cfg).eval()
+    ip = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
+    return _save(out, model, tok, ip, "PixtralProcessor", _template("[IMG]"), patch_size=8, spatial_merge_size=2)
+
+
+def build_aya_vision(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    """Cohere2 text: layer 0 slides over an 8-token window, layer 1 is full (no positions there)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    marks = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+    tok = build_tokenizer(specials=marks, extra={"image_token": "<image>"})
+    torch.manual_seed(seed)
+    text = dict(model_type="cohere2", **_llama_text(tok, hidden, layers, head_dim=16, sliding_window=8,
+                                                       layer_types=(["sliding_attention", "full_attention"] * layers)[:layers]))
+    cfg = AyaVisionConfig(text_config=text, vision_config=_siglip(), downsample_factor=2,
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), tie_word_embeddings=False)
+    model = AyaVisionForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=2)
+    return _save(out, model, tok, ip, "AyaVisionProcessor", _template("<image>"), patch_size=8, img_size=32,
+                 downsample_factor=2)
+
+
+def build_internvl(out: Path, seed: int, layers: int = 2, hidden: int = 64) -> Path:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    marks = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tok = build_tokenizer(specials=marks, extra={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    torch.manual_seed(seed)
+    cfg = InternVLConfig(
+        text_config=dict(model_type="qwen2", **_llama_text(tok, hidden, layers)),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=[32, 32], patch_size=[8, 8]),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5,
+        tie_word_embeddings=False)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=2)
+    return _save(out, model, tok, ip, "InternVLProcessor", _template("<IMG_CONTEXT>"), image_seq_length=4)
