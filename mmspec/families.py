@@ -77,8 +77,8 @@ def _processor_class(name: str):
     import importlib
     import sys
 
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
     from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
 
     cls = processor_class_from_name(name)
     if cls is not None and type(cls).__name__ != "DummyObject":

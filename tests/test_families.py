@@ -61,8 +61,7 @@ def hf_greedy(tgt, prompt: str, seed: int, n: int) -> list[int]:
     inputs = tgt.family.prefill_inputs(tgt.processor, image(seed), prompt)
     inputs = {k: v.to(tgt.device) for k, v in inputs.items()}
     with torch.no_grad():
-        out = tgt.model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                                 pad_token_id=tgt.tokenizer.pad_token_id)
+        out = tgt.model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=tgt.tokenizer.pad_token_id)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -72,9 +71,9 @@ def test_vanilla_equals_transformers_generate(fam_root, family):
     _, tgt = family_model(fam_root, family)
     for prompt, seed in PROMPTS:
         van = generate(tgt, None, image(seed), prompt, DecodeConfig(max_new_tokens=N_HF, static_cache=False))
-        hf = hf_greedy(tgt, prompt, seed, N_HF)
-        assert len(van.token_ids) == N_HF
+        hf = hf_greedy(tgt, prompt, seed, N_HF)  # both stop at EOS (a random model may emit it early)
         assert van.token_ids == hf, f"{family} {prompt!r}"
+        assert len(hf) >= 24, "a fixture that stops this early tests too little"
         fast = generate(tgt, None, image(seed), prompt, DecodeConfig(max_new_tokens=N_HF, static_cache=True))
         assert fast.token_ids == hf, f"{family} {prompt!r} (static cache)"
 
