@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto",
                    help="preallocated KV cache + CUDA graphs: auto = on for a target on one GPU; "
                         "on = also on the CPU (cache only); off = eager forwards, growing cache")
-    g.add_argument("--family", default=None, help="force a family adapter (llava, qwen2_vl, gemma3, paligemma, text)")
+    g.add_argument("--family", default=None, help="force a family adapter: llava, qwen2_vl, smolvlm, gemma3, paligemma")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap

@@ -224,6 +224,8 @@ def attention_masks(windows: dict[str, int | None] | None, allowed: torch.Tensor
 
 
 class LlavaFamily(Family):
+    """1-D positions; image features scattered into the placeholder tokens (get_placeholder_mask)."""
+
     name = "llava"
     model_types = ("llava", "llava_next", "llava_onevision", "idefics3", "mistral3", "aya_vision", "internvl")
 
@@ -272,7 +274,7 @@ class Gemma3Family(LlavaFamily):
         return torch.where(image, start.long().cumsum(0) - 1, -1)
 
 
-class PaliGemmaFamily(Family):
+class PaliGemmaFamily(LlavaFamily):
     """Prefix-LM: the whole prompt (image + text) sees itself both ways; positions start at 1; no chat template."""
 
     name = "paligemma"
