@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto",
                    help="preallocated KV cache + CUDA graphs: auto = on for a target on one GPU; "
                         "on = also on the CPU (cache only); off = eager forwards, growing cache")
+    g.add_argument("--family", default=None, help="force a family adapter: llava, qwen2_vl, smolvlm, gemma3, paligemma")
     g.add_argument("--trace", default=None, help="write the full trace JSON here")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e = sub.add_parser("export-eagle3", help="write an EAGLE-3 head trained by mmspec as a vLLM / SGLang head directory")
@@ -135,7 +136,8 @@ def _generate(args) -> int:
     max_memory = _max_memory(args.max_memory, args.device_map)
     if args.trace:
         _check_writable(args.trace)
-    target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory)
+    target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory,
+                         family=args.family)
     _check_placeholders(args.prompt, target)
     drafter = load_drafter(args.drafter, target)
     gen = generate(target, drafter, image, args.prompt, config)

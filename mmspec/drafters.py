@@ -200,8 +200,8 @@ class NgramDrafter(Drafter):
         return {"name": self.name, "kind": self.kind, "max_n": self.max_n, "min_n": self.min_n}
 
     def start(self, ctx: DraftContext) -> None:
-        image_id = getattr(ctx.target.model.config, "image_token_id", None)
-        self.prompt_ids = [t for t in ctx.prompt_ids if t != image_id]
+        media = ctx.target.family.media_token_ids(ctx.target.model.config)
+        self.prompt_ids = [t for t in ctx.prompt_ids if t not in media]
 
     def propose(self, committed, spec, sampling, gen):
         seq = self.prompt_ids + committed

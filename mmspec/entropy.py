@@ -11,6 +11,9 @@ input norm, q projection and rotary embedding, and scored against the keys the t
 that layer (already rotated). This equals the eager attention probabilities of the target (a test
 checks it against `output_attentions`) and works for 1-D RoPE (LLaVA/Llama) and M-RoPE (Qwen2-VL)
 alike, because position ids go through the family adapter and the model's own `rotary_emb`.
+Decoders it does not rebuild exactly (query norms, sliding windows, softcapping: Gemma3, Qwen3-VL,
+GLM-4.1V, Cohere2, Mistral with a window) are refused with an InputError naming why
+(`families.attention_recompute_problem`), never answered approximately.
 
 Layer choice rule (documented, tested): normalised entropy H/log(#keys) averaged over heads and
 query positions (text positions after the image); pick the `k` layers of lowest mean entropy among
@@ -22,6 +25,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mmspec.errors import InputError
+from mmspec.families import attention_recompute_problem
 
 
 def text_model(model):
@@ -49,6 +55,9 @@ def attention_probs(model, layer: int, h_in: torch.Tensor, position_ids: torch.T
     keys: the layer's cached keys [B, kv_heads, Tk, head_dim]; allowed [B, Tq, Tk] bool.
     Returns probabilities [B, heads, Tq, Tk] (float32).
     """
+    problem = attention_recompute_problem(model.config)
+    if problem:
+        raise InputError(f"cannot recompute the attention of {model.config.model_type}: {problem}")
     lm = text_model(model)
     blk = lm.layers[layer]
     attn = blk.self_attn

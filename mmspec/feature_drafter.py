@@ -573,10 +573,13 @@ def plan_entries(n_pos: int, span: tuple[int, int] | None, grid: tuple[int, int]
     return pre + vis + post, vmap
 
 
-def image_span(ids: list[int], image_id: int | None) -> tuple[int, int] | None:
+def image_span(ids: list[int], image_id) -> tuple[int, int] | None:
+    """(first index, length) of the image placeholders in `ids`; image_id: one id or a set of them
+    (a family's media_token_ids)."""
     if image_id is None:
         return None
-    idx = [i for i, t in enumerate(ids) if t == image_id]
+    media = {image_id} if isinstance(image_id, int) else set(image_id)
+    idx = [i for i, t in enumerate(ids) if t in media]
     if not idx:
         return None
     if idx[-1] - idx[0] + 1 != len(idx):
@@ -745,7 +748,7 @@ def calibrate_entropy(target, examples=None) -> list[float]:
     from mmspec.model import CachedModel
 
     examples = examples or default_calibration()
-    image_id = getattr(target.model.config, "image_token_id", None)
+    image_id = target.family.media_token_ids(target.model.config)
     acc = None
     for img, prompt in examples:
         cm = CachedModel(target.model, target.family)
@@ -757,9 +760,9 @@ def calibrate_entropy(target, examples=None) -> list[float]:
         start = span[0] + span[1] if span else 1
         qmask = torch.zeros(1, T, dtype=torch.bool)
         qmask[0, start:] = True
-        pos = target.family.position_ids(torch.arange(T), 0)
-        if target.family.name == "qwen2_vl":
-            pos = target.family.prefill_position_ids(target.model, inputs)
+        pos = target.family.prefill_position_ids(target.model, inputs)
+        if pos is None:
+            pos = target.family.position_ids(torch.arange(T), 0)
         pos = pos.to(target.device)
         keys = [layer.keys for layer in cm.cache.layers]
         prof = entropy.entropy_profile(target.model, hs, keys, pos, qmask)
@@ -915,7 +918,7 @@ class FeatureDrafter(Drafter):
         hid = ctx.target_hidden.to(dev, self._dt)  # [n_layers, P, H]
         for idx, r in self._row.items():
             buf.F[idx][:P] = hid[r]
-        span = image_span(ids, getattr(tgt.model.config, "image_token_id", None))
+        span = image_span(ids, tgt.family.media_token_ids(tgt.model.config))
         adapt, saliency, grid = None, None, None
         if span is not None:
             v0, n = span

@@ -5,7 +5,9 @@ Hugging Face's `DynamicCache` (grows by concatenation; any device, split models 
 `StaticKV`, one preallocated buffer pair per layer written in place at `write_pos`, whose fixed
 tensor addresses let a CUDA graph replay a forward (see model.py). After a verify forward the
 cache holds the committed prefix plus every tree node; `keep_rows` moves the accepted rows down
-next to the prefix in place and drops the rest, so accepted tokens are never recomputed.
+next to the prefix in place and drops the rest, so accepted tokens are never recomputed. Both
+kinds keep every row of sliding-window layers too (the window is a mask, see families.py), so
+cropping and keeping rows is the same operation on every layer.
 `to_device` is the fast path's one way of moving small host tensors (indices, packed inputs) to
 the GPU without a sync.
 """
@@ -71,12 +73,16 @@ class StaticKV:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    @property
+    def is_initialized(self) -> bool:  # PaliGemma asks, to tell its prefill from later forwards
+        return bool(self.layers)
+
 
 def new_cache(model) -> DynamicCache:
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
+    """A cache of full layers only, also for a model with sliding-window layers: transformers'
+    sliding layers drop rows past the window as they go, so a rollback could not restore them.
+    The window is applied by the attention mask instead (families.attention_masks)."""
+    return DynamicCache()
 
 
 def _layers(cache: DynamicCache):

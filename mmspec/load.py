@@ -1,9 +1,9 @@
 """Loading targets, draft models, processors and images, with errors a user can act on.
 
 Everything loads through transformers' Auto classes from a local directory or a hub id, so the
-embedded default in assets/ and a hub model take the same path. Qwen2-VL's processor wants
-torchvision (video processor, fast image processor); without it we build the processor from its
-PIL image processor and no video processor.
+embedded default in assets/ and a hub model take the same path. The processor is the family's
+(families.py): its PIL image processor and no video processor, so torchvision is never needed.
+A loading error names its cause; only a hub id that could not be fetched mentions being offline.
 """
 from __future__ import annotations
 
@@ -90,11 +90,13 @@ def _where(name: str) -> str:
     return name  # a hub id
 
 
-def _offline_hint(name: str, err: Exception) -> InputError:
-    return InputError(
-        f"could not load {name!r}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
-        "If this is a hub id, this machine may be offline: use a local directory written by save_pretrained."
-    )
+def _load_error(name: str, err: Exception) -> InputError:
+    """One line naming the cause; the offline hint only for a hub id (a local directory needs none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = f"{type(err).__name__}: {lines[0][:300]}" if lines else repr(err)
+    hint = "" if Path(name).expanduser().exists() else (
+        " If this is a hub id, this machine may be offline: use a local directory written by save_pretrained.")
+    return InputError(f"could not load {name!r}: {reason}.{hint}")
 
 
 def load_config(name: str):
@@ -104,51 +106,20 @@ def load_config(name: str):
     try:
         return AutoConfig.from_pretrained(where)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-        raise _offline_hint(name, e) from e
+        raise _load_error(name, e) from e
 
 
-def load_processor(name: str, config=None):
-    """AutoProcessor, or for Qwen2-VL without torchvision: PIL image processor + tokenizer."""
-    from transformers import AutoProcessor, AutoTokenizer
-
+def load_processor(name: str, config=None, family: Family | None = None):
+    """The family's processor (a tokenizer for a text-only model)."""
     where = _where(name)
     config = config or load_config(name)
-    if family_for(config).name == "qwen2_vl":
-        return _qwen2_vl_processor(where)
-    if not hasattr(config, "vision_config"):
-        try:
-            return AutoTokenizer.from_pretrained(where)
-        except Exception as e:  # noqa: BLE001
-            raise _offline_hint(name, e) from e
+    family = family or family_for(config)
     try:
-        return AutoProcessor.from_pretrained(where)
+        return family.load_processor(where, config)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise _offline_hint(name, e) from e
-
-
-def _qwen2_vl_processor(where: str):
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
-
-    class PilQwen2VLProcessor(Qwen2VLProcessor):
-        """Qwen2-VL's own processing code with the PIL image processor and no video processor."""
-
-        def check_argument_for_proper_class(self, attribute_name, arg):
-            if attribute_name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(attribute_name, arg)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(where)
-    except Exception as e:  # noqa: BLE001
-        raise _offline_hint(where, e) from e
-    template = getattr(tokenizer, "chat_template", None)
-    jinja = Path(where) / "chat_template.jinja"
-    if jinja.exists():
-        template = jinja.read_text()
-    return PilQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+        raise _load_error(name, e) from e
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, config=None, split: dict | None = None):
@@ -162,15 +133,16 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, config=None,
     try:
         model = auto.from_pretrained(where, dtype=dtype, **(split or {}))
     except Exception as e:  # noqa: BLE001
-        raise _offline_hint(name, e) from e
+        raise _load_error(name, e) from e
     return model.eval() if split else model.to(device).eval()
 
 
 def load_target(name: str | None = None, device: str | None = None, dtype: str | None = None,
                 device_map: str | dict | None = None, max_memory: dict | None = None,
-                offload_folder: str | None = None) -> Target:
+                offload_folder: str | None = None, family: str | None = None) -> Target:
     """Load a target VLM (default: the embedded model in assets/). With `device_map` the target is
-    split by accelerate; `device` is then where its inputs go (the first module's device)."""
+    split by accelerate; `device` is then where its inputs go (the first module's device). `family`
+    forces an adapter by name (families.BY_NAME) instead of the one for the config's model type."""
     if name is None:
         if not DEFAULT_TARGET.exists():
             raise InputError(f"no --target given and the embedded default {DEFAULT_TARGET} is missing")
@@ -184,7 +156,8 @@ def load_target(name: str | None = None, device: str | None = None, dtype: str |
     config = load_config(name)
     if not hasattr(config, "vision_config"):
         raise InputError(f"{name} is a text-only model ({config.model_type}); the target must be a vision-language model")
-    processor = load_processor(name, config)
+    fam = family_for(config, family)
+    processor = load_processor(name, config, fam)
     split = None
     if device_map is not None:
         split = {"device_map": device_map, "max_memory": max_memory}
@@ -193,7 +166,7 @@ def load_target(name: str | None = None, device: str | None = None, dtype: str |
     model = load_model(name, dev, dt, config, split)
     if split:
         dev = execution_device(model)
-    return Target(name, model, processor, processor.tokenizer, family_for(config), dev, dt)
+    return Target(name, model, processor, processor.tokenizer, fam, dev, dt)
 
 
 def load_image(image: str | Path | Image.Image | None) -> Image.Image:

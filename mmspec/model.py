@@ -25,7 +25,7 @@ import torch
 
 from mmspec import device_tree, graphs, kvcache
 from mmspec.kvcache import to_device
-from mmspec.families import Family
+from mmspec.families import Family, attention_masks
 from mmspec.verify import Sampling, draft_probs, gumbel_scores
 
 
@@ -57,6 +57,7 @@ class _Static:
     def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
         self.cache = kvcache.StaticKV(capacity, n_layers)
         self.cols = torch.arange(capacity, device=device)
+        self.key_pos = torch.arange(capacity, device=device)  # sequence position of each cache row (for windows)
         # keys: forward ((padded q, position shape, tail width), hidden), chain ("chain", depth,
         # sampling, greedy), prefill ("prefill", (padded length, position shape), hidden, ...);
         # graph kinds "prefill" and "decode" fall back to eager separately.
@@ -76,10 +77,6 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
     return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
 
 
-def _media_tokens(config, ids: torch.Tensor) -> int:
-    """How many image/video placeholder tokens `ids` holds (0 for a text model)."""
-    media = {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")} - {None}
-    return int(sum((ids == m).sum() for m in media)) if media else 0
 
 
 def _bucket(q: int) -> int:
@@ -97,6 +94,9 @@ class CachedModel:
         self.cache = None
         self.committed = 0  # cache entries every new token attends to
         self.rope_offset = 0
+        # Masks beyond causal (sliding windows) are built here, per forward, from query/key positions.
+        self.windows = family.windows(model.config)
+        self._tail_pos: list[torch.Tensor] = []  # sequence positions of the uncommitted rows (eager path)
         self.room = room if room is not None and not getattr(model, "hf_device_map", None) else None
         self.graphs = graphs and self.room is not None and self.device.type == "cuda"
         self._static: _Static | None = None
@@ -120,10 +120,15 @@ class CachedModel:
         if self.room is not None:
             return self._prefill_static(inputs, host_ids, pos, hidden)
         self.cache = kvcache.new_cache(self.model)
+        self._tail_pos = []
         if pos is not None:
             inputs["position_ids"] = pos
-        out = self.model(**inputs, past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
-                         logits_to_keep=1)
+        blocks = self.family.prefill_blocks(inputs)
+        if blocks is not None or self.windows is not None:
+            P = host_ids.shape[1]
+            rows = torch.arange(P, device=self.device)
+            inputs["attention_mask"] = self._masks(self._prefill_allowed(rows, rows, blocks), rows[:, None] - rows)
+        out = self.model(**inputs, cache=self.cache, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
         self.committed = kvcache.cache_len(self.cache)
         return (out.logits[0, -1], out.hidden_states) if hidden else out.logits[0, -1]
 
@@ -154,33 +159,53 @@ class CachedModel:
                 rest[k] = torch.cat([v, v[:, -1:].expand(1, Pb - P)], 1)
         names = tuple(sorted(rest))
         tensors = tuple(rest[k] for k in names)
+        blocks = self.family.prefill_blocks(inputs)
+        if blocks is not None:  # pad rows are in no block
+            blocks = torch.cat([blocks.to(self.device), blocks.new_full((Pb - P,), -1, device=self.device)])
         layout = (Pb, tuple(pos.shape))
-        body = lambda packed, *tensors: self._prefill_body(st, layout, hidden, names, packed, tensors)  # noqa: E731
+        body = lambda packed, blocks, *tensors: self._prefill_body(st, layout, hidden, names, packed, blocks, tensors)  # noqa: E731
         if graphed:
             # What Python inside the model may branch on: shapes, small integer inputs (image grids,
             # sizes) and the count of image/video placeholder tokens, checked eagerly at first use.
             seen = tuple((tuple(t.shape), t.dtype, tuple(t.flatten().tolist()) if not t.is_floating_point()
                           and t.numel() <= 64 else None) for t in tensors)
-            key = ("prefill", layout, hidden, names, seen, _media_tokens(self.model.config, ids))
-            logits, hs = self._graph(st, key, body, (packed, *tensors), kind="prefill")
+            media = self.family.media_token_ids(self.model.config)
+            key = ("prefill", layout, hidden, names, seen, sum(int((ids == m).sum()) for m in media))
+            logits, hs = self._graph(st, key, body, (packed, blocks, *tensors), kind="prefill")
         else:
-            logits, hs = body(packed, *tensors)
+            logits, hs = body(packed, blocks, *tensors)
         self.cache.length = self.committed = P
         return (logits, tuple(h[:, :P] for h in hs)) if hidden else logits
 
-    def _prefill_body(self, st: _Static, layout, hidden: bool, names: tuple[str, ...], packed, tensors):
+    def _prefill_body(self, st: _Static, layout, hidden: bool, names: tuple[str, ...], packed, blocks, tensors):
         Pb, pos_shape = layout
         rows = st.cols[:Pb]
         st.cache.write_pos = rows
+        allowed = self._prefill_allowed(rows, st.cols, blocks)
         out = self.model(input_ids=packed[:Pb].view(1, Pb), position_ids=packed[Pb:-1].view(pos_shape),
-                         attention_mask=self._additive(st.cols.unsqueeze(0) <= rows.unsqueeze(1)), cache_position=rows,
-                         past_key_values=st.cache, use_cache=True, output_hidden_states=hidden,
+                         attention_mask=self._masks(allowed, rows.unsqueeze(1) - st.cols), cache_position=rows,
+                         cache=st.cache, use_cache=True, output_hidden_states=hidden,
                          logits_to_keep=packed[-1:], **dict(zip(names, tensors)))
         return out.logits[0, -1], (out.hidden_states if hidden else None)
+
+    @staticmethod
+    def _prefill_allowed(rows: torch.Tensor, cols: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+        """Causal over the prompt, plus both ways inside a block (block ids [P], -1 = none)."""
+        allowed = cols.unsqueeze(0) <= rows.unsqueeze(1)
+        if blocks is None:
+            return allowed
+        b = blocks.to(rows.device)
+        same = (b.unsqueeze(1) == b.unsqueeze(0)) & (b.unsqueeze(1) >= 0)
+        allowed[:, : b.shape[0]] |= same[: rows.shape[0]]
+        return allowed
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
+    def _masks(self, allowed: torch.Tensor, dist: torch.Tensor):
+        """The family's attention_mask (one tensor, or one per layer kind) from allowed [q, K] and dist [q, K]."""
+        return attention_masks(self.windows, allowed, dist, self._additive)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, seq_pos: torch.Tensor, tail_mask: torch.Tensor | None, hidden: bool = False):
@@ -193,18 +218,22 @@ class CachedModel:
             return self._forward_static(tokens, seq_pos, tail_mask, hidden)
         q = tokens.shape[0]
         start = kvcache.cache_len(self.cache)
+        seq_pos = seq_pos.to(self.device)
         mask = None
-        if tail_mask is not None:
+        if tail_mask is not None or self.windows is not None:
             total = start + q
-            allowed = torch.ones(q, total, dtype=torch.bool, device=self.device)
-            allowed[:, self.committed :] = tail_mask.to(self.device)
-            mask = self._additive(allowed)
-        pos = self.family.position_ids(seq_pos.to(self.device), self.rope_offset)
+            allowed = torch.arange(total, device=self.device) <= torch.arange(start, total, device=self.device)[:, None]
+            if tail_mask is not None:
+                allowed[:, self.committed :] = tail_mask.to(self.device)
+            # Committed rows sit at their own index; uncommitted rows (tree nodes) where they were fed.
+            keys = torch.cat([torch.arange(self.committed, device=self.device), *self._tail_pos, seq_pos])
+            mask = self._masks(allowed, seq_pos[:, None] - keys)
+        self._tail_pos.append(seq_pos)
         out = self.model(
             input_ids=tokens.to(self.device).unsqueeze(0),
             attention_mask=mask,
-            position_ids=pos,
-            past_key_values=self.cache,
+            position_ids=self.family.position_ids(seq_pos, self.rope_offset),
+            cache=self.cache,
             cache_position=torch.arange(start, start + q, device=self.device),
             use_cache=True,
             output_hidden_states=hidden,
@@ -226,7 +255,8 @@ class CachedModel:
         W = 0 if tail_mask is None else (_bucket(T) if graphed else T)
         seq = torch.cat([seq_pos.cpu(), seq_pos[-1:].cpu().expand(Q - q)])
         pos = self.family.position_ids(seq, self.rope_offset)
-        host = torch.zeros(2 * Q + 1 + pos.numel() + Q * W, dtype=torch.long)
+        host = torch.zeros(2 * Q + 1 + pos.numel() + Q * W + Q, dtype=torch.long)
+        host[-Q:] = seq  # sequence positions (without the rope offset): sliding windows measure these
         on_host = tokens.device.type == "cpu"
         if on_host:
             host[:q] = tokens
@@ -234,7 +264,7 @@ class CachedModel:
         host[2 * Q] = base
         host[2 * Q + 1 : 2 * Q + 1 + pos.numel()] = pos.reshape(-1)
         if W:
-            host[2 * Q + 1 + pos.numel() :].view(Q, W)[:q, :T] = tail_mask.cpu()
+            host[2 * Q + 1 + pos.numel() : -Q].view(Q, W)[:q, :T] = tail_mask.cpu()
         packed = to_device(host, dev)
         if not on_host:  # draft tokens still on the device: a device-to-device copy, no sync
             packed[:q] = tokens
@@ -254,12 +284,17 @@ class CachedModel:
         if W == 0:
             allowed = cols <= rows.unsqueeze(1)
         else:  # committed columns, then the tail columns base..base+W-1 as the tail mask says
-            tail = packed[2 * Q + 1 + n_pos :].view(Q, W) != 0
+            tail = packed[2 * Q + 1 + n_pos : -Q].view(Q, W) != 0
             rel = cols - base
             in_tail = tail.gather(1, rel.clamp(0, W - 1).expand(Q, -1))
             allowed = (rel < 0) | (in_tail & (rel < W))
+        seq = packed[-Q:]
+        dist = None
+        if self.windows is not None:  # committed rows sit at their own index, tail rows where they were fed
+            st.key_pos.index_copy_(0, rows, seq)
+            dist = seq.unsqueeze(1) - torch.where(cols < base, cols, st.key_pos.unsqueeze(0))
         st.cache.write_pos = rows
-        out = self.model(input_ids=ids, attention_mask=self._additive(allowed), position_ids=pos, past_key_values=st.cache,
+        out = self.model(input_ids=ids, attention_mask=self._masks(allowed, dist), position_ids=pos, cache=st.cache,
                          cache_position=rows, use_cache=True, output_hidden_states=hidden)
         return out.logits, (out.hidden_states if hidden else None)
 
@@ -313,9 +348,9 @@ class CachedModel:
             if d + 1 < depth:
                 row = (row0 + d).view(1)
                 st.cache.write_pos = row
-                out = self.model(input_ids=token.view(1, 1), attention_mask=self._additive(cols <= row.unsqueeze(1)),
+                out = self.model(input_ids=token.view(1, 1), attention_mask=self._masks(cols <= row.unsqueeze(1), row - cols),
                                  position_ids=self.family.position_ids((seq0 + d).view(1), 0),
-                                 past_key_values=st.cache, cache_position=row, use_cache=True)
+                                 cache=st.cache, cache_position=row, use_cache=True)
                 logits = out.logits[0, -1]
         return torch.cat(tokens), torch.cat(probs), torch.stack(rows)
 
@@ -343,10 +378,15 @@ class CachedModel:
         row0, seq0 = ints[0], ints[1]  # first free cache row; the root's rope position (offset included)
 
         def expand(depth, tokens, _feeds, rows, allowed):
+            seq = (row0 - 1 + depth).expand(rows.shape)  # sequence position of the frontier nodes
+            dist = None
+            if self.windows is not None:  # committed rows sit at their own index, tree rows at their depth
+                st.key_pos.index_copy_(0, rows, seq)
+                dist = seq.unsqueeze(1) - torch.where(st.cols < row0, st.cols, st.key_pos).unsqueeze(0)
             st.cache.write_pos = rows
-            out = self.model(input_ids=tokens.view(1, -1), attention_mask=self._additive(allowed),
+            out = self.model(input_ids=tokens.view(1, -1), attention_mask=self._masks(allowed, dist),
                              position_ids=self.family.position_ids((seq0 - 1 + depth).expand(rows.shape), 0),
-                             past_key_values=st.cache, cache_position=rows, use_cache=True)
+                             cache=st.cache, cache_position=rows, use_cache=True)
             return draft_probs(out.logits[0], sampling), _feeds
 
         root_q = draft_probs(first.unsqueeze(0), sampling)[0]
@@ -361,8 +401,10 @@ class CachedModel:
         """Keep these rows of the uncommitted tail (in order) and make them committed."""
         kvcache.keep_rows(self.cache, self.committed, rows)
         self.committed += len(rows)
+        self._tail_pos = []
 
     @torch.inference_mode()
     def rollback(self) -> None:
         """Drop every uncommitted entry."""
         kvcache.crop(self.cache, self.committed)
+        self._tail_pos = []
