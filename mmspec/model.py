@@ -17,6 +17,7 @@ generations, so capture happens once per layout, not once per request.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from contextlib import contextmanager
@@ -79,6 +80,13 @@ def _lease(model, capacity: int, device: torch.device) -> _Static:
 
 
 
+def cache_argument(model) -> str:
+    """transformers' current name for the cache argument, `cache` (5.24 on); a model whose forward
+    has no such parameter (transformers 5.17 on the lent GPU machine, where the repository is too
+    large to carry a newer wheel beside it) gets the older `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _bucket(q: int) -> int:
     return 1 << (q - 1).bit_length()
 
@@ -89,6 +97,7 @@ class CachedModel:
         graphs: replay forwards from CUDA graphs (static path on a single CUDA device only)."""
         self.model = model
         self.family = family
+        self._cache_name = cache_argument(model)
         self.device = execution_device(model)
         self.dtype = model.dtype
         self.cache = None
@@ -100,6 +109,9 @@ class CachedModel:
         self.room = room if room is not None and not getattr(model, "hf_device_map", None) else None
         self.graphs = graphs and self.room is not None and self.device.type == "cuda"
         self._static: _Static | None = None
+
+    def _cache_arg(self, cache) -> dict:
+        return {self._cache_name: cache}
 
     def release(self) -> None:
         """Give the static buffers (and their graphs) back for the next generation on this model."""
@@ -128,7 +140,7 @@ class CachedModel:
             P = host_ids.shape[1]
             rows = torch.arange(P, device=self.device)
             inputs["attention_mask"] = self._masks(self._prefill_allowed(rows, rows, blocks), rows[:, None] - rows)
-        out = self.model(**inputs, cache=self.cache, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        out = self.model(**inputs, **self._cache_arg(self.cache), use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
         self.committed = kvcache.cache_len(self.cache)
         return (out.logits[0, -1], out.hidden_states) if hidden else out.logits[0, -1]
 
@@ -184,7 +196,7 @@ class CachedModel:
         allowed = self._prefill_allowed(rows, st.cols, blocks)
         out = self.model(input_ids=packed[:Pb].view(1, Pb), position_ids=packed[Pb:-1].view(pos_shape),
                          attention_mask=self._masks(allowed, rows.unsqueeze(1) - st.cols), cache_position=rows,
-                         cache=st.cache, use_cache=True, output_hidden_states=hidden,
+                         **self._cache_arg(st.cache), use_cache=True, output_hidden_states=hidden,
                          logits_to_keep=packed[-1:], **dict(zip(names, tensors)))
         return out.logits[0, -1], (out.hidden_states if hidden else None)
 
@@ -233,7 +245,7 @@ class CachedModel:
             input_ids=tokens.to(self.device).unsqueeze(0),
             attention_mask=mask,
             position_ids=self.family.position_ids(seq_pos, self.rope_offset),
-            cache=self.cache,
+            **self._cache_arg(self.cache),
             cache_position=torch.arange(start, start + q, device=self.device),
             use_cache=True,
             output_hidden_states=hidden,
@@ -294,7 +306,7 @@ class CachedModel:
             st.key_pos.index_copy_(0, rows, seq)
             dist = seq.unsqueeze(1) - torch.where(cols < base, cols, st.key_pos.unsqueeze(0))
         st.cache.write_pos = rows
-        out = self.model(input_ids=ids, attention_mask=self._masks(allowed, dist), position_ids=pos, cache=st.cache,
+        out = self.model(input_ids=ids, attention_mask=self._masks(allowed, dist), position_ids=pos, **self._cache_arg(st.cache),
                          cache_position=rows, use_cache=True, output_hidden_states=hidden)
         return out.logits, (out.hidden_states if hidden else None)
 
@@ -350,7 +362,7 @@ class CachedModel:
                 st.cache.write_pos = row
                 out = self.model(input_ids=token.view(1, 1), attention_mask=self._masks(cols <= row.unsqueeze(1), row - cols),
                                  position_ids=self.family.position_ids((seq0 + d).view(1), 0),
-                                 cache=st.cache, cache_position=row, use_cache=True)
+                                 **self._cache_arg(st.cache), cache_position=row, use_cache=True)
                 logits = out.logits[0, -1]
         return torch.cat(tokens), torch.cat(probs), torch.stack(rows)
 
@@ -386,7 +398,7 @@ class CachedModel:
             st.cache.write_pos = rows
             out = self.model(input_ids=tokens.view(1, -1), attention_mask=self._masks(allowed, dist),
                              position_ids=self.family.position_ids((seq0 - 1 + depth).expand(rows.shape), 0),
-                             cache=st.cache, cache_position=rows, use_cache=True)
+                             **self._cache_arg(st.cache), cache_position=rows, use_cache=True)
             return draft_probs(out.logits[0], sampling), _feeds
 
         root_q = draft_probs(first.unsqueeze(0), sampling)[0]

@@ -299,3 +299,16 @@ def test_a_draft_vlm_with_the_targets_processor_reuses_its_inputs(tiny_dir, monk
         gen = generate(tgt, drafter, image(seed), prompt, DecodeConfig(max_new_tokens=8, tree="chain:3"))
         assert gen.token_ids == ref.token_ids[:8]
         assert calls == (["llava", "text"] if own_call else ["llava"]), name
+
+
+def test_models_get_the_cache_argument_their_forward_takes(tiny_dir):
+    """transformers' current `cache=`; the older `past_key_values=` only for a forward without it."""
+    from mmspec.model import cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_argument(Old()) == "past_key_values"
+    assert cache_argument(target(tiny_dir, "llava").model) == "cache"
+    assert cache_argument(target(tiny_dir, "qwen2vl").model) == "cache"
