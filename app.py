@@ -159,6 +159,9 @@ def _drafter_list(drafters: list | None) -> list[tuple[str, str]]:
         for feat in sorted(MODELS_DIR.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name)):
             if (feat / "mmspec_drafter.json").exists():
                 out.append((f"feature drafter: {feat.name.removeprefix('mmspec-feat-')} (reads target features)", str(feat)))
+        head = MODELS_DIR / "mmspec-eagle3-head"
+        if (head / "config.json").exists():
+            out.append(("EAGLE-3 head (vLLM / SGLang format, reads 3 target layers)", str(head)))
         for extra in filter(None, (os.environ.get("MMSPEC_DRAFTERS") or "").split(",")):
             out.append((extra.strip(), extra.strip()))
     else:

@@ -58,7 +58,7 @@ from mmspec.world import held_out_seeds, sample_example  # noqa: E402
 
 MODELS = ASSETS / "models"
 DEFAULT_DRAFTERS = [str(MODELS / "mmspec-draft-vlm"), str(MODELS / "mmspec-draft-text"), "ngram"] + sorted(
-    str(p) for p in MODELS.glob("mmspec-feat-*"))
+    str(p) for p in MODELS.glob("mmspec-feat-*")) + [str(p) for p in MODELS.glob("mmspec-eagle3-head")]
 Record = dict[str, Any]  # one prompt's outcome: tokens, tps, forwards (after prefill), [draft/verify/overhead ms]
 
 
