@@ -853,7 +853,7 @@ class _Request:
     plan: list[Entry]  # the drafter's entries for the prompt
     visual_map: dict | None
     adapt: torch.Tensor | None  # adaptor outputs (QUERY entries; the last is ViSpec's global vector)
-    device_chain: bool  # chains drafted by `_step_body` (the fast path), else grown by grow_tree
+    fast_path: bool  # chains and dynamic trees drafted on the device (`_run_step`), else grown by grow_tree
     graphed: bool  # ... and replayed from CUDA graphs
     n_feat: int  # target features held (committed target positions)
     n_cache: int = 0  # committed drafter entries (KV rows)
@@ -1147,7 +1147,7 @@ class FeatureDrafter(Drafter):
             self._feed_prompt(seq, upto)
         new = seq[req.n_fed + 1 : upto + 2]  # token[p + 1] of each position p not yet fed
         # On the fast path chains and (single-head) dynamic trees are drafted on the device.
-        on_device = req.device_chain and (spec.kind == "chain" or spec.kind == "dynamic" and self.cfg.flash == 1)
+        on_device = req.fast_path and (spec.kind == "chain" or spec.kind == "dynamic" and self.cfg.flash == 1)
         if on_device and spec.kind == "chain":
             tokens, probs, q_rows = self._run_step(new, spec, sampling, gen)
             tree = DraftTree(tokens=[0] * spec.depth, parents=list(range(-1, spec.depth - 1)),
