@@ -7,7 +7,8 @@ is the target's last-layer hidden state at p (the engine's `hidden_states[-1]`, 
 so that `lm_head(feature) = logits`). The output residual r_p gives the predicted next feature
 f_{p+1} = norm(r_p), decoded by the target's LM head into the distribution of token[p+2]. While
 drafting, a tree node's input takes its parent's *predicted* feature (autoregression over the tree);
-the drafter keeps its own KV cache, feeds tree nodes with a tree mask and rolls back after each step.
+the drafter keeps its own KV cache in preallocated buffers (`_Buffers`), feeds tree nodes after the
+committed rows with a tree mask, and keeps only the committed rows (the rest are stale and masked).
 
 Options (all switchable in `FeatConfig`; `VARIANTS` names the published recipes):
 - fuse3 (EAGLE-3): feature = fc3(concat(rms(h_low), rms(h_mid), h_top)), init = identity on h_top;

@@ -11,7 +11,8 @@ tensor and one asynchronous copy, and the mask over the whole cache is built fro
 device. On one CUDA device each forward is replayed from a CUDA graph captured once per layout
 (q and the tree-mask width rounded up to powers of two; pad rows' outputs and cache rows are
 dropped), and so is the prefill (prompt length rounded up to 64, one graph per length and image
-layout). Token ids may already be on the device (a drafter's device-side chain): then nothing in
+layout). A draft model drafts chains (`draft_chain`) and dynamic trees (`draft_tree`) there too.
+Token ids may already be on the device (a drafter's device-side chain): then nothing in
 a forward waits for the host. Static buffers and graphs are leased per model and reused by later
 generations, so capture happens once per layout, not once per request.
 """
