@@ -31,6 +31,11 @@ are scattered to the target ids (d2t) and every other id gets -inf (vLLM's `comp
 tokens outside the draft vocabulary have draft probability 0 and are only ever sampled from the
 residual.
 
+Drafting (`Eagle3HeadDrafter`) keeps the committed entries' KV rows and fc(aux) features in
+preallocated buffers; chains and EAGLE-2 dynamic trees are drafted by one body per step on the
+device (feed the entries committed since the last step, then draft; replayed from CUDA graphs on
+the engine's static-cache path on a GPU), static trees are grown by `tree.grow_tree` over them.
+
 M-RoPE (`rope_scaling` with `mrope_section`, or type "mrope"): entries take the target's own 3-D
 positions (the prompt's from the family's rope index, later ones index + rope delta on all axes)
 and tree node at depth d sits at the root entry's position + d on all three axes (vLLM's
@@ -48,6 +53,8 @@ restricted to the draft vocabulary; `save_mmspec_head` writes a directory `--dra
 from __future__ import annotations
 
 import json
+import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +63,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmspec import device_tree
 from mmspec.drafters import DraftContext, Drafter
 from mmspec.errors import InputError
 from mmspec.feature_drafter import RMSNorm, apply_rope, attend, rope_cos_sin, target_fingerprint, text_config
-from mmspec.tree import Proposal, TreePool, grow_tree, tree_attention
-from mmspec.verify import draft_probs
+from mmspec.graphs import DeviceNoise, GraphTable, replay
+from mmspec.kvcache import to_device
+from mmspec.trace import DraftTree
+from mmspec.tree import NO_TREE, Proposal, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.verify import Sampling, draft_probs, gumbel_scores
 
 ARCH = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"
@@ -317,6 +328,8 @@ class Eagle3Head(nn.Module):
             self.embed_tokens = nn.Embedding(c.vocab, c.hidden)
         else:  # the target's, held by reference: never saved, never trained
             object.__setattr__(self, "shared_embed", target_embed)
+        if c.mrope_section is not None:  # on the head's device: a host copy per step would break graph capture
+            self.register_buffer("rope_axes", mrope_axes(c.mrope_section, c.mrope_interleaved), persistent=False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.own_embed:
@@ -337,7 +350,7 @@ class Eagle3Head(nn.Module):
             return rope_cos_sin(positions.reshape(-1, T), c.head_dim, c.rope_theta)
         half = torch.arange(0, c.head_dim, 2, device=positions.device, dtype=torch.float32)
         inv = 1.0 / (c.rope_theta ** (half / c.head_dim))
-        axes = mrope_axes(c.mrope_section, c.mrope_interleaved).to(positions.device)
+        axes = self.rope_axes.to(positions.device)
         f = positions.reshape(-1, 3, T).float()[:, axes].transpose(1, 2) * inv  # [B, T, d/2]
         emb = torch.cat((f, f), -1)[:, None]
         return emb.cos(), emb.sin()
@@ -349,15 +362,24 @@ class Eagle3Head(nn.Module):
         attend) over past then new entries; past = (K, V) [B, kv, S, d] or None.
         Returns the pre-norm hidden x [B, T, H] (what the next step feeds back), the draft-vocabulary
         logits [B, T, Vd] and the new entries' (k, v)."""
+        x, kv = self.layer(hidden_in, token_emb, rope, mask, past)
+        return x, self.logits(x), kv
+
+    def layer(self, hidden_in, token_emb, rope, mask, past=None, write_rows=None):
+        """`step` without the logits. With write_rows [T] (drafting's preallocated cache) past holds
+        whole buffers [B, kv, cap, d]: the new entries' k, v are written at those rows and mask
+        [B, T, cap] says which rows each entry sees."""
         m = self.midlayer
         h = m.hidden_norm(hidden_in)
         residual = h if self.cfg.norm_before_residual else hidden_in
         a_in = torch.cat([m.input_layernorm(token_emb), h], -1)
         q, k, v = m.self_attn.project(a_in, *rope)
-        K, V = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        if write_rows is not None:
+            K, V = past[0].index_copy_(2, write_rows, k), past[1].index_copy_(2, write_rows, v)
+        else:
+            K, V = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         x = residual + m.self_attn.o_proj(attend(q, K, V, mask))
-        x = x + m.mlp(m.post_attention_layernorm(x))
-        return x, self.logits(x), (k, v)
+        return x + m.mlp(m.post_attention_layernorm(x)), (k, v)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x)) * self.cfg.logit_scale
@@ -367,9 +389,8 @@ class Eagle3Head(nn.Module):
 
     def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [.., Vd] -> target-vocabulary logits [.., V], -inf off the draft vocabulary."""
-        out = logits.new_full((*logits.shape[:-1], self.cfg.vocab), float("-inf"))
-        out[..., self.target_ids()] = logits
-        return out
+        ids = self.target_ids().expand(*logits.shape[:-1], -1)  # a scatter: no host sync inside a CUDA graph
+        return logits.new_full((*logits.shape[:-1], self.cfg.vocab), float("-inf")).scatter(-1, ids, logits)
 
 
 def unroll(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int):
@@ -412,22 +433,72 @@ def unroll_batch(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, posi
 # The engine-facing drafter
 
 
+class _Buffers:
+    """Preallocated state of one head, leased per head and reused by later requests (CUDA graphs
+    captured over it hold these addresses): the midlayer's KV rows (row p = committed entry p, then
+    a step's draft nodes), fc(aux) of every committed target position, and the root: the last
+    committed entry's pre-norm x and RoPE position ([axes, 1]). Rows past what a request wrote are
+    stale and masked out."""
+
+    def __init__(self, head: Eagle3Head, cap: int, device: torch.device, dtype: torch.dtype):
+        c = head.cfg
+        self.cap, self.device, self.dtype = cap, device, dtype
+        z = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        self.k, self.v = z(1, c.kv_heads, cap, c.head_dim), z(1, c.kv_heads, cap, c.head_dim)
+        self.feats = z(cap, c.hidden)
+        self.cols = torch.arange(cap, device=device)
+        self.root = z(c.hidden)
+        self.root_pos = torch.zeros(_axes(c), 1, dtype=torch.long, device=device)
+        self.graphs = GraphTable(device)
+
+    def copy_from(self, old: "_Buffers") -> None:
+        """Take over what `old` (smaller) holds: the eager path grows its buffers this way."""
+        n = old.cap
+        self.k[:, :, :n], self.v[:, :, :n] = old.k, old.v
+        self.feats[:n] = old.feats
+        self.root.copy_(old.root)
+        self.root_pos.copy_(old.root_pos)
+
+
+def _axes(c: HeadConfig) -> int:
+    """Rows of a position tensor: 3 for an M-RoPE head (t, h, w), else 1."""
+    return 1 if c.mrope_section is None else 3
+
+
+_FREE_BUFFERS: "weakref.WeakKeyDictionary[Eagle3Head, list[_Buffers]]" = weakref.WeakKeyDictionary()
+
+
+def _lease(head: Eagle3Head, rows: int, device: torch.device, dtype: torch.dtype) -> _Buffers:
+    free = _FREE_BUFFERS.setdefault(head, [])
+    # Buffers of another device or dtype are dropped: the head moved or was cast since (training casts it).
+    free[:] = [buf for buf in free if (buf.device, buf.dtype) == (device, dtype)]
+    for i, buf in enumerate(free):
+        if buf.cap >= rows:
+            return free.pop(i)
+    return _Buffers(head, -(-rows // 256) * 256, device, dtype)  # rounded up so later prompts reuse it
+
+
 @dataclass
 class _Request:
-    """Everything one prompt's drafting keeps (made in `start`)."""
+    """What one prompt's drafting holds (host side; tensors live in `_Buffers`). Entry p pairs
+    fc(aux[p]) with token p + 1 and sits at cache row p."""
 
     ids: list[int]  # prompt ids
-    feats: torch.Tensor  # [n, H] fc(aux) of every target position with features so far
-    prompt_pos: torch.Tensor  # [P] or [3, P] the prompt's RoPE positions
-    rope_offset: int  # M-RoPE delta of positions after the prompt
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # committed entries (plus a step's nodes until rollback)
-    n_cache: int = 0  # committed entries = target positions fed
-    root_x: torch.Tensor | None = None  # pre-norm hidden of the last committed entry
-    root_logits: torch.Tensor | None = None
-    forwards: int = 0
+    prompt_pos: torch.Tensor  # [P] or [3, P] the prompt's RoPE positions (head's device)
+    rope_offset: int  # added to indices after the prompt (M-RoPE heads; 0 for 1-D ones)
+    fast_path: bool  # the engine's static-cache path: buffers sized once from its room
+    graphed: bool  # ... and the step bodies replayed from CUDA graphs
+    n_feat: int  # target positions with features
+    n_cache: int = 0  # committed entries (KV rows)
+    forwards: int = 0  # head forwards this step
 
 
 class Eagle3HeadDrafter(Drafter):
+    """Chains and dynamic trees are drafted by one body per step on the device (feed the entries
+    committed since the last step, then draft; `_step_body`, `_tree_body`), replayed from CUDA
+    graphs on the engine's fast path on a GPU and run eagerly elsewhere; static trees are grown
+    by `tree.grow_tree` over the same buffers."""
+
     kind = "eagle3"
 
     def __init__(self, head: Eagle3Head, target, name: str, meta: dict | None = None):
@@ -438,6 +509,8 @@ class Eagle3HeadDrafter(Drafter):
         self.cfg = head.cfg
         self.target_layers = head.cfg.aux
         self.req: _Request | None = None
+        self.buf: _Buffers | None = None
+        self._noise = DeviceNoise()
 
     def info(self) -> dict[str, Any]:
         c = self.cfg
@@ -450,18 +523,41 @@ class Eagle3HeadDrafter(Drafter):
             "params": sum(p.numel() for p in self.head.parameters()),
         }
 
+    @property
+    def _dev(self) -> torch.device:
+        return self.head.fc.weight.device
+
+    @property
+    def _dt(self) -> torch.dtype:
+        return self.head.fc.weight.dtype
+
     # --- per prompt ---------------------------------------------------------------------------
     @torch.no_grad()
     def start(self, ctx: DraftContext) -> None:
-        head = self.head
-        aux = ctx.target_hidden  # [3, P, Ht], rows in target_layers order = ascending = fc's order
-        feats = head.first_hidden(aux.to(head.fc.weight.device).permute(1, 0, 2).reshape(aux.shape[1], -1))
-        offset = ctx.target_cache.rope_offset if ctx.target_cache is not None else 0
-        self.req = _Request(list(ctx.prompt_ids), feats, self._prompt_positions(ctx), offset)
+        self.finish()
+        P = len(ctx.prompt_ids)
+        # The fast path's room bounds every row a request writes; eagerly the buffers grow instead.
+        fast = ctx.cache_room is not None
+        self.buf = _lease(self.head, P + (ctx.cache_room if fast else 256), self._dev, self._dt)
+        self.buf.feats[:P] = self._fc(ctx.target_hidden)  # rows in target_layers order = ascending = fc's order
+        mrope = self.cfg.mrope_section is not None
+        offset = ctx.target_cache.rope_offset if mrope and ctx.target_cache is not None else 0
+        graphed = fast and ctx.cuda_graphs and self._dev.type == "cuda"
+        self.req = _Request(list(ctx.prompt_ids), self._prompt_positions(ctx), offset, fast, graphed, P)
+        self._noise.reset()
+
+    def finish(self) -> None:
+        if self.buf is not None:
+            _FREE_BUFFERS.setdefault(self.head, []).append(self.buf)
+        self.buf, self.req = None, None
+
+    def _fc(self, aux: torch.Tensor) -> torch.Tensor:
+        """Aux features [3, k, Ht] -> the head's hidden_in rows [k, H]."""
+        return self.head.first_hidden(aux.to(self._dev).permute(1, 0, 2).reshape(aux.shape[1], -1))
 
     def _prompt_positions(self, ctx: DraftContext) -> torch.Tensor:
         P = len(ctx.prompt_ids)
-        seq = torch.arange(P)
+        seq = torch.arange(P, device=self._dev)
         if self.cfg.mrope_section is None:
             return seq
         pos = None
@@ -471,92 +567,198 @@ class Eagle3HeadDrafter(Drafter):
             dev = execution_device(ctx.target.model)
             inputs = {k: v.to(dev) for k, v in ctx.target_inputs.items()}
             pos = ctx.target.family.prefill_position_ids(ctx.target.model, inputs)
-        return seq.expand(3, P) if pos is None else pos[:, 0].cpu()
+        return seq.expand(3, P) if pos is None else pos[:, 0].to(self._dev)
 
     def _positions(self, lo: int, hi: int) -> torch.Tensor:
-        """RoPE positions of target positions lo..hi-1: the prompt's own, then index (+ M-RoPE delta)."""
+        """RoPE positions [T] or [3, T] of target positions lo..hi-1: the prompt's own, then index (+ M-RoPE delta)."""
         r = self.req
-        P = len(r.ids)
-        later = torch.arange(max(lo, P), hi)
         if self.cfg.mrope_section is None:
-            return torch.arange(lo, hi)
+            return torch.arange(lo, hi, device=self._dev)
+        later = torch.arange(max(lo, len(r.ids)), hi, device=self._dev)
         return torch.cat([r.prompt_pos[:, lo:hi], (later + r.rope_offset).expand(3, -1)], -1)
 
     @torch.no_grad()
     def observe(self, target_hidden: torch.Tensor, tokens: list[int]) -> None:
-        head, r = self.head, self.req
-        k = target_hidden.shape[1]
-        rows = target_hidden.to(head.fc.weight.device).permute(1, 0, 2).reshape(k, -1)
-        r.feats = torch.cat([r.feats, head.first_hidden(rows)], 0)
+        r, k = self.req, target_hidden.shape[1]
+        self._reserve(r.n_feat + k)
+        self.buf.feats[r.n_feat : r.n_feat + k] = self._fc(target_hidden)
+        r.n_feat += k
 
-    # --- drafting -----------------------------------------------------------------------------
-    def _run(self, hidden_in, tokens: list[int], positions, tail_mask):
-        """Feed entries past the committed cache; tail_mask [T, U + T] over uncommitted entries + new."""
-        head, r = self.head, self.req
-        dev = head.fc.weight.device
-        T = hidden_in.shape[0]
-        S = 0 if r.kv is None else r.kv[0].shape[2]
-        mask = torch.ones(1, T, S + T, dtype=torch.bool, device=dev)
-        mask[0, :, r.n_cache:] = tail_mask.to(dev)
-        emb = head.embed(torch.tensor(tokens, dtype=torch.long))
-        x, logits, (k, v) = head.step(hidden_in[None], emb[None], head.rope(positions.to(dev)), mask, r.kv)
-        r.kv = (k, v) if r.kv is None else (torch.cat([r.kv[0], k], 2), torch.cat([r.kv[1], v], 2))
-        r.forwards += 1
-        return x[0], logits[0]
-
-    def _commit_feed(self, seq: list[int]) -> None:
-        """Feed every target position with features not yet in the cache: entry p = (fc(aux[p]), seq[p + 1])."""
-        r = self.req
-        upto = len(seq) - 2
-        if r.feats.shape[0] != upto + 1:
-            raise RuntimeError(f"EAGLE-3 drafter out of sync: {r.feats.shape[0]} features for {len(seq)} tokens")
-        lo = r.n_cache
-        if lo > upto:
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` entries: larger buffers take over (graphs are captured anew for them; on
+        the fast path the engine's room makes this rare)."""
+        old = self.buf
+        if rows <= old.cap:
             return
-        T = upto + 1 - lo
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        x, logits = self._run(r.feats[lo : upto + 1], seq[lo + 1 : upto + 2], self._positions(lo, upto + 1), causal)
-        r.n_cache = upto + 1
-        r.root_x, r.root_logits = x[-1], logits[-1]
+        self.buf = _lease(self.head, max(rows, 2 * old.cap), self._dev, self._dt)
+        self.buf.copy_from(old)
+        _FREE_BUFFERS.setdefault(self.head, []).append(old)
 
-    def _probs(self, logits: torch.Tensor, sampling) -> torch.Tensor:
-        return draft_probs(self.head.target_logits(logits.float()), sampling)
+    # --- the head over the buffers ----------------------------------------------------------------
+    def _forward(self, hidden_in, tokens, pos, rows, allowed=None) -> torch.Tensor:
+        """Entries (hidden_in [T, H], tokens [T]) at RoPE positions pos [axes, T], written at cache
+        rows [T] (device tensors). allowed [T, cap]: the rows each entry sees (default: every row up
+        to its own). Returns their pre-norm x [T, H]."""
+        head, buf = self.head, self.buf
+        if allowed is None:
+            allowed = buf.cols[None, :] <= rows[:, None]
+        emb = head.embed(tokens)[None]
+        x, _ = head.layer(hidden_in[None], emb, head.rope(pos), allowed[None], (buf.k, buf.v), rows)
+        return x[0]
+
+    def _probs(self, x: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """q over the target vocabulary after pre-norm states x [T, H] (0 off the draft vocabulary)."""
+        return draft_probs(self.head.target_logits(self.head.logits(x).float()), sampling)
+
+    def _set_root(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        self.buf.root.copy_(x[-1])
+        self.buf.root_pos.copy_(pos[:, -1:])
+
+    # --- the prompt (eager, once per request) -----------------------------------------------------
+    def _feed_prompt(self, seq: list[int], upto: int) -> None:
+        """Entries 0..upto in one forward, attending over their own rows only (not the whole buffer)."""
+        buf, n, dev = self.buf, upto + 1, self._dev
+        pos = self._positions(0, n).view(_axes(self.cfg), n)
+        rows = torch.arange(n, device=dev)
+        head = self.head
+        x, _ = head.layer(buf.feats[None, :n], head.embed(torch.tensor(seq[1 : n + 1], device=dev))[None],
+                          head.rope(pos), (rows[None, :] <= rows[:, None])[None],
+                          (buf.k[:, :, :n], buf.v[:, :, :n]), rows)
+        self._set_root(x[0], pos)
+        self.req.n_cache = n
+        self.req.forwards += 1
+
+    # --- one step: feed what was accepted, then draft --------------------------------------------
+    def _feed_accepted(self, k: int, ints) -> None:
+        """The k entries committed since the last step, from ints = [first cache row, its RoPE
+        position, the k tokens]; the last one becomes the root."""
+        if not k:
+            return
+        steps = torch.arange(k, device=ints.device)
+        rows = ints[0] + steps
+        pos = (ints[1] + steps).expand(_axes(self.cfg), k)  # after the prompt: index + delta on every axis
+        self._set_root(self._forward(self.buf.feats.index_select(0, rows), ints[2 : 2 + k], pos, rows), pos)
+
+    def _step_body(self, k: int, depth: int, sampling: Sampling, ints, noise):
+        """Feed the accepted entries, then draft a chain of `depth` tokens from the new root, all on
+        the device (one CUDA graph per (k, depth, sampling) on a GPU). Returns the chain's tokens
+        [depth], their q [depth] and q rows [depth, V] (nothing when depth is 0)."""
+        self._feed_accepted(k, ints)
+        return self._chain(ints[0] + k, depth, sampling, noise) if depth else None
+
+    def _chain(self, row, depth: int, sampling: Sampling, noise):
+        """`depth` tokens after the root: the node at depth d + 1 is fed at cache row row + d, at the
+        root's position + d + 1, with the pre-norm x that predicted it."""
+        buf = self.buf
+        x, toks, probs, rows = buf.root[None], [], [], []
+        for d in range(depth):
+            q = self._probs(x, sampling)[0]
+            score = q.log() if noise is None else gumbel_scores(q.log(), noise[d])
+            token = score.argmax().view(1)
+            toks.append(token)
+            probs.append(q.gather(0, token))
+            rows.append(q)
+            if d + 1 < depth:
+                x = self._forward(x, token, buf.root_pos + d + 1, (row + d).view(1))
+        return torch.cat(toks), torch.cat(probs), torch.stack(rows)
+
+    def _tree_body(self, k: int, spec: TreeSpec, sampling: Sampling, ints, noise) -> device_tree.DeviceTree:
+        """Feed the accepted entries, then grow an EAGLE-2 dynamic tree on the device: a node is fed
+        with its parent's pre-norm x at the root's position + its depth."""
+        self._feed_accepted(k, ints)
+        buf = self.buf
+
+        def expand(depth, tokens, feeds, rows, allowed):
+            x = self._forward(feeds, tokens, (buf.root_pos + depth).expand(-1, rows.shape[0]), rows, allowed)
+            return self._probs(x, sampling), x
+
+        root_q = self._probs(buf.root[None], sampling)[0]
+        return device_tree.grow(expand, root_q, buf.root, spec, ints[0] + k, buf.cols, noise)
+
+    def _run_step(self, new_tokens: list[int], spec: TreeSpec, sampling: Sampling, gen):
+        """Feed the accepted tokens and draft `spec` (a chain, a dynamic tree, or nothing: kind
+        "none") in one body on the device, replayed from a CUDA graph per shape on a GPU."""
+        req, dev = self.req, self._dev
+        k, tree = len(new_tokens), spec.kind == "dynamic"
+        self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
+        ints = to_device(torch.tensor([req.n_cache, req.n_cache + req.rope_offset, *new_tokens], dtype=torch.long), dev)
+        noise = None
+        if spec.kind != "none" and not sampling.greedy:
+            shape = (spec.depth, spec.topk) if tree else (spec.depth,)
+            noise = self._noise.uniforms(math.prod(shape), self.cfg.vocab, dev, gen).view(*shape, self.cfg.vocab)
+        if tree:
+            body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
+        else:
+            body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
+        if req.graphed and self.buf.graphs.usable("decode"):
+            out = replay(self.buf.graphs, ("step", k, spec, sampling, noise is None), body, (ints, noise))
+        else:
+            out = body(ints, noise)
+        req.n_cache += k
+        req.forwards += (1 if k else 0) + max(spec.depth - 1, 0)
+        return out
 
     @torch.no_grad()
     def propose(self, committed, spec, sampling, gen):
-        r = self.req
-        seq = r.ids + list(committed)
-        r.forwards = 0
-        self._commit_feed(seq)
-        root_pos = self._positions(r.n_cache - 1, r.n_cache)  # [1] or [3, 1]
-        xs: dict[int, torch.Tensor] = {-1: r.root_x}
-        fed: list[int] = []
+        req = self.req
+        seq = req.ids + list(committed)
+        upto = len(seq) - 2
+        if req.n_feat != upto + 1:
+            raise RuntimeError(f"EAGLE-3 drafter out of sync: {req.n_feat} features for {len(seq)} tokens")
+        req.forwards = 0
+        if req.n_cache == 0:
+            self._feed_prompt(seq, upto)
+        new = seq[req.n_cache + 1 : upto + 2]  # token p + 1 of each entry p not yet fed
+        if spec.kind == "chain":
+            prop = _chain_proposal(*self._run_step(new, spec, sampling, gen))
+        elif spec.kind == "dynamic":
+            prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
+        else:
+            if new:
+                self._run_step(new, NO_TREE, sampling, gen)
+            prop = grow_tree(self._tree_expander(sampling), spec, not sampling.greedy, gen)
+        prop.extras = {"drafter_forwards": req.forwards}
+        return prop
+
+    def _tree_expander(self, sampling: Sampling):
+        """grow_tree's expand over the buffers (static trees): nodes are fed after the committed rows
+        in the order they are expanded, each seeing the committed rows and its ancestors (rows past
+        the committed ones are never kept)."""
+        xs: dict[int, torch.Tensor] = {-1: self.buf.root.clone()}
+        root_pos, fed = self.buf.root_pos.clone(), []
 
         def expand(pool: TreePool, ids: list[int]) -> torch.Tensor:
-            if ids == [-1]:
-                return self._probs(r.root_logits[None], sampling)
-            hidden_in = torch.stack([xs[pool.parents[i]] for i in ids])
-            depth = torch.tensor([pool.depths[i] for i in ids])
-            anc = tree_attention(pool.parents)[1:, 1:]
-            tail = anc[torch.tensor(ids)][:, torch.tensor(fed + ids)]
-            x, logits = self._run(hidden_in, [pool.tokens[i] for i in ids], root_pos + depth, tail)
-            xs.update(zip(ids, x))
-            fed.extend(ids)
-            return self._probs(logits, sampling)
+            if ids != [-1]:
+                x = self._feed_nodes(pool, ids, fed, [xs[pool.parents[i]] for i in ids], root_pos)
+                xs.update(zip(ids, x))
+                fed.extend(ids)
+            return self._probs(torch.stack([xs[i] for i in ids]), sampling)
 
-        try:
-            prop = grow_tree(expand, spec, not sampling.greedy, gen)
-        finally:
-            self._rollback()
-        return Proposal(prop.tree, prop.proposals, {"drafter_forwards": r.forwards})
+        return expand
 
-    def _rollback(self) -> None:
-        r = self.req
-        if r.kv is not None:
-            r.kv = (r.kv[0][:, :, : r.n_cache], r.kv[1][:, :, : r.n_cache])
+    def _feed_nodes(self, pool: TreePool, ids: list[int], fed: list[int], parent_x, root_pos) -> torch.Tensor:
+        """Nodes `ids` (fed after the committed rows and the nodes `fed` before them) -> their x."""
+        req, dev = self.req, self._dev
+        start, T = req.n_cache + len(fed), len(ids)
+        self._reserve(start + T)
+        anc = tree_attention(pool.parents)[1:, 1:]
+        allowed = torch.zeros(T, self.buf.cap, dtype=torch.bool)
+        allowed[:, : req.n_cache] = True
+        allowed[:, req.n_cache : start + T] = anc[torch.tensor(ids)][:, torch.tensor(fed + ids)]
+        depth = torch.tensor([pool.depths[i] for i in ids], device=dev)
+        tokens = torch.tensor([pool.tokens[i] for i in ids], device=dev)
+        req.forwards += 1
+        rows = torch.arange(start, start + T, device=dev)
+        return self._forward(torch.stack(parent_x), tokens, root_pos + depth, rows, allowed.to(dev))
 
-    def finish(self) -> None:
-        self.req = None
+
+def _chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tensor) -> Proposal:
+    """A chain drafted on the device: its tokens stay there for verification (`Proposal.resolve`
+    fills the host tree afterwards); node d - 1's children are drawn from q_rows[d]."""
+    depth = q_rows.shape[0]
+    tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
+                     draft_probs=[0.0] * depth)
+    return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
 
 
 # ------------------------------------------------------------------------------------------------

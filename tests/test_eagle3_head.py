@@ -3,15 +3,19 @@
 Heads are written here tensor by tensor from the format's description (not through the module under
 test): random weights sized from a tiny target's config, a reduced and shuffled draft vocabulary
 (non-trivial d2t), three distinct aux layers given in either engine's convention, with and without
-their own embed_tokens. Checked: greedy output equals vanilla for chains and dynamic trees on LLaVA
-and Qwen2-VL, with heads briefly fitted through `unroll` so that drafts are accepted (random heads
-never are); the first two draft distributions equal a re-implementation of the format's forward
-written in this file; `unroll` (the training pass) equals drafting; sampling keeps the target's
-distribution; bad heads are refused with one line; export writes exactly the tensors vLLM's loader
-takes, and the exported head drafts the same.
+their own embed_tokens. Checked: greedy output equals vanilla for chains, dynamic and static trees
+on LLaVA and Qwen2-VL, with heads briefly fitted through `unroll` so that drafts are accepted
+(random heads never are), on the eager path and on the engine's static-cache fast path, where the
+drafts are the eager path's and those `tree.grow_tree` grows (chains and dynamic trees are drafted
+by device bodies, replayed from CUDA graphs with MMSPEC_TEST_DEVICE=cuda); the first two draft
+distributions equal a re-implementation of the format's forward written in this file; `unroll` (the
+training pass) equals drafting at the first step and after accepted entries; sampling keeps the
+target's distribution; bad heads are refused with one line; export writes exactly the tensors vLLM's
+loader takes, and the exported head drafts the same.
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,17 +23,17 @@ from safetensors.torch import load_file, save_file
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
-from mmspec.drafters import DraftContext
+from mmspec.drafters import DraftContext, Drafter
 from mmspec.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
 from mmspec.model import CachedModel
-from mmspec.tree import parse_tree_spec
+from mmspec.tree import grow_tree, parse_tree_spec
 from mmspec.verify import Sampling
 from test_sampling import engine_pair_pvalue
 from tiny_models import build_llava, build_qwen2_vl, image
 
 PROMPT = "describe the image."
 N_NEW = 24
-TREES = ["chain:4", "dynamic:16,4,3"]
+TREES = ["chain:4", "dynamic:16,4,3", "static:[[0],[1],[0,0],[0,1],[1,0],[0,0,0]]"]
 LAYERS = 4
 
 
@@ -156,6 +160,22 @@ def vanilla(tdir, family):
 # --- losslessness -----------------------------------------------------------------------------------
 
 
+def whole_sequence(inputs, full):
+    """The prefill inputs grown to the token ids `full` (attention mask, token types: the added tokens are text)."""
+    P = inputs["input_ids"].shape[1]
+    seq = {k: torch.cat([v, v[:, -1:].expand(1, len(full) - P)], 1) if v.dim() == 2 and v.shape == (1, P) else v
+           for k, v in inputs.items()}
+    seq["input_ids"] = torch.tensor([full])
+    return seq
+
+
+@torch.no_grad()
+def sequence_aux(tgt, d, inputs, full):
+    """The head's aux features [len(full), 3 * Ht] from the target's forward over the whole sequence."""
+    hs = tgt.model(**whole_sequence(inputs, full), output_hidden_states=True).hidden_states
+    return torch.cat([hs[i][0] for i in d.target_layers], -1)
+
+
 def fit(tgt, d, tokens_out, steps=12, depth=3):
     """Teacher-force the loaded head on one continuation with `unroll` (the trainer's pass): cross-
     entropy on the draft vocabulary for depths 1..3, 0.8**j weights. Random heads are never accepted;
@@ -166,13 +186,7 @@ def fit(tgt, d, tokens_out, steps=12, depth=3):
     inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
     P = inputs["input_ids"].shape[1]
     full = inputs["input_ids"][0].tolist() + tokens_out
-    # Per-token inputs grow with the sequence (attention mask, token types: the added tokens are text).
-    seq = {k: torch.cat([v, v[:, -1:].expand(1, len(full) - P)], 1) if v.dim() == 2 and v.shape == (1, P) else v
-           for k, v in inputs.items()}
-    seq["input_ids"] = torch.tensor([full])
-    with torch.no_grad():
-        hs = tgt.model(**seq, output_hidden_states=True).hidden_states
-    aux = torch.cat([hs[i][0] for i in d.target_layers], -1)[:-1]  # entry p: features p, token p + 1
+    aux = sequence_aux(tgt, d, inputs, full)[:-1]  # entry p: features p, token p + 1
     n = aux.shape[0]
     tm = CachedModel(tgt.model, tgt.family)
     tm.prefill(inputs)
@@ -198,25 +212,132 @@ def fit(tgt, d, tokens_out, steps=12, depth=3):
     return losses[0], losses[-1]
 
 
+_fitted: dict = {}
+
+
+def fitted(tdir, family, spec):
+    """The head of `spec` for `family`'s target, fitted once per module: (drafter, first loss, last loss)."""
+    if (family, spec) not in _fitted:
+        tgt = target(tdir, family)
+        ref = vanilla(tdir, family).token_ids
+        mrope = MROPE[spec] if family == "qwen2vl" else None
+        d = load_drafter(str(write_head(tdir / f"head-{family}-{spec}", tgt, spec, mrope=mrope, keep=ref)), tgt)
+        _fitted[family, spec] = (d, *fit(tgt, d, ref))
+    return _fitted[family, spec]
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 @pytest.mark.parametrize("spec", list(SPECS))
-def test_greedy_equals_vanilla(tdir, tmp_path, family, spec):
-    tgt = target(tdir, family)
-    ref = vanilla(tdir, family).token_ids
-    mrope = MROPE[spec] if family == "qwen2vl" else None
-    d = load_drafter(str(write_head(tmp_path / "head", tgt, spec, mrope=mrope, keep=ref)), tgt)
+def test_greedy_equals_vanilla(tdir, family, spec):
+    """On the eager path and on the engine's static-cache fast path (chains and dynamic trees drafted
+    by the device bodies, static trees grown on the host over the same buffers)."""
+    tgt, ref = target(tdir, family), vanilla(tdir, family).token_ids
+    d, first, last = fitted(tdir, family, spec)
     assert d.target_layers == tuple(sorted(SPECS[spec]["aux"]))
-    first, last = fit(tgt, d, ref)
     assert last < 0.5 * first
     accepted = 0
     for tree in TREES:
-        gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree))
-        assert gen.token_ids == ref, tree
-        assert gen.drafter_info["target_layers"] == list(d.target_layers)
-        accepted += sum(s.accepted_len for s in gen.steps)
-    assert accepted >= N_NEW, "drafts must be accepted, or greedy equality proves little"
-    gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[1], static_cache=True))
-    assert gen.token_ids == ref, "static cache"
+        for static in (False, True):
+            gen = generate(tgt, d, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=static))
+            assert gen.token_ids == ref, (tree, static)
+            assert gen.drafter_info["target_layers"] == list(d.target_layers)
+            accepted += sum(s.accepted_len for s in gen.steps)
+    assert accepted >= 2 * N_NEW, "drafts must be accepted, or greedy equality proves little"
+
+
+class Recorder(Drafter):
+    """Hands every call to an EAGLE-3 drafter and keeps each step's drafts (tokens, parents, q of
+    each token, q rows, forwards). For greedy chains and dynamic trees it also grows the tree the
+    host's way (`tree.grow_tree` over the drafter's buffers, as static trees are grown) right after
+    the device drafted it, and checks that both drafted the same."""
+
+    def __init__(self, d, grow_at: int | None = None):
+        self.d, self.name, self.target_layers = d, d.name, d.target_layers
+        self.steps, self.graphed, self.graphs = [], False, None
+        self.grow_at, self.caps = grow_at, []  # before step `grow_at`, larger buffers take over
+
+    def start(self, ctx):
+        self.d.start(ctx)
+
+    def observe(self, target_hidden, tokens):
+        self.d.observe(target_hidden, tokens)
+
+    def info(self):
+        return self.d.info()
+
+    def finish(self):
+        if self.d.buf is not None:  # (graphs captured, capture errors) of the buffers the request used
+            self.graphs = (len(self.d.buf.graphs.captured), dict(self.d.buf.graphs.graph_error))
+        self.d.finish()
+
+    def propose(self, committed, spec, sampling, gen):
+        if len(self.steps) == self.grow_at:
+            self.d._reserve(self.d.buf.cap + 1)
+        self.caps.append(self.d.buf.cap)
+        prop = self.d.propose(committed, spec, sampling, gen)
+        self.graphed |= self.d.req.graphed
+        on_device = prop.device_tokens is not None
+        tokens = prop.device_tokens.tolist() if on_device else list(prop.tree.tokens)
+        probs = prop.device_probs.tolist() if on_device else list(prop.tree.draft_probs)
+        q = {k: v.double().cpu() for k, v in prop.proposals.items()}
+        self.steps.append((tokens, list(prop.tree.parents), probs, q, prop.extras["drafter_forwards"]))
+        if spec.kind != "static" and sampling.greedy:
+            self._check_host(spec, sampling, tokens, prop.tree.parents, probs, q)
+        return prop
+
+    def _check_host(self, spec, sampling, tokens, parents, probs, q):
+        host = grow_tree(self.d._tree_expander(sampling), spec, False, None)
+        assert (host.tree.tokens, host.tree.parents) == (tokens, parents), spec
+        assert np.allclose(host.tree.draft_probs, probs, atol=1e-5), spec
+        assert host.proposals.keys() == q.keys()
+        for k, row in q.items():
+            torch.testing.assert_close(host.proposals[k].double().cpu(), row, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_fast_path_drafts_equal_eager_and_host_grown(tdir, family, spec):
+    """The static-cache fast path (its bodies replayed from CUDA graphs with MMSPEC_TEST_DEVICE=cuda,
+    run eagerly on the CPU) drafts what the eager path drafts, step by step: same trees, q of each
+    token and q rows within float noise, same forwards; and the device's chains and dynamic trees
+    are the trees `tree.grow_tree` grows from the same state."""
+    tgt, ref = target(tdir, family), vanilla(tdir, family).token_ids
+    d = fitted(tdir, family, spec)[0]
+    for tree in TREES:
+        runs = {}
+        for static in (False, True):
+            rec = Recorder(d)
+            gen = generate(tgt, rec, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=tree, static_cache=static))
+            assert gen.token_ids == ref, (tree, static)
+            assert rec.graphed == (static and DEVICE == "cuda")
+            if rec.graphed:
+                assert rec.graphs[0] > 0 and not rec.graphs[1], rec.graphs
+            runs[static] = ([s.accepted for s in gen.steps], rec.steps)
+        (acc_a, a), (acc_b, b) = runs[False], runs[True]
+        assert acc_a == acc_b and len(a) == len(b) >= 4, tree
+        for i, (sa, sb) in enumerate(zip(a, b)):  # (the target's two cache paths differ in float rounding)
+            assert (sa[0], sa[1], sa[4]) == (sb[0], sb[1], sb[4]), (tree, i)
+            assert np.allclose(sa[2], sb[2], atol=1e-4), (tree, i)
+            assert sa[3].keys() == sb[3].keys()
+            for k in sa[3]:
+                torch.testing.assert_close(sa[3][k], sb[3][k], atol=1e-4, rtol=1e-3)
+
+
+def test_buffers_grown_mid_request_draft_the_same(tdir):
+    """Eagerly the buffers grow when full (`_reserve`: larger ones take over the committed rows)."""
+    tgt, ref = target(tdir, "qwen2vl"), vanilla(tdir, "qwen2vl").token_ids
+    d = fitted(tdir, "qwen2vl", "plain")[0]
+    runs = []
+    for grow_at in (None, 3):
+        rec = Recorder(d, grow_at)
+        gen = generate(tgt, rec, image(0), PROMPT, DecodeConfig(max_new_tokens=N_NEW, tree=TREES[1]))
+        assert gen.token_ids == ref
+        runs.append(rec)
+    assert len(set(runs[0].caps)) == 1 and runs[1].caps[3] > runs[1].caps[2] == runs[0].caps[0]
+    for a, b in zip(runs[0].steps, runs[1].steps):
+        assert (a[0], a[1], a[4]) == (b[0], b[1], b[4])
+        for k in a[3]:
+            torch.testing.assert_close(a[3][k], b[3][k], atol=1e-5, rtol=1e-4)
 
 
 # --- the format's forward, written independently --------------------------------------------------------
@@ -314,6 +435,7 @@ def test_draft_distributions_match_the_format(tdir, tmp_path, family, spec):
     feats = torch.stack([hidden[i][0] for i in d.target_layers])
     d.start(DraftContext(img, PROMPT, inputs["input_ids"][0].tolist(), tgt, tm, feats, None, False, inputs))
     prop = d.propose([first], parse_tree_spec("chain:2"), Sampling(0.8, 1.0), torch.Generator().manual_seed(0))
+    prop.resolve()  # the chain was drafted on the device: its tokens reach the tree here
     want = reference_q(tgt, head_dir, inputs, first, prop.tree.tokens[0], 0.8)
     for node, q in zip((-1, 0), want):
         got = prop.proposals[node].double().cpu()
@@ -322,43 +444,60 @@ def test_draft_distributions_match_the_format(tdir, tmp_path, family, spec):
         torch.testing.assert_close(got, q, atol=2e-5, rtol=1e-4)
 
 
+def target_positions(tgt, inputs, full):
+    """RoPE positions of the whole sequence as the target computes them: its own 3-D rope index
+    (Qwen2-VL; the head is M-RoPE) or sequence indices (LLaVA; a 1-D head)."""
+    if tgt.family.name != "qwen2_vl":
+        return torch.arange(len(full))
+    seq = whole_sequence(inputs, full)
+    kw = {k: seq[k] for k in ("image_grid_thw", "attention_mask", "mm_token_type_ids") if k in seq}
+    return tgt.model.model.get_rope_index(seq["input_ids"], **kw)[0][:, 0]
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
-    """`unroll` (the trainer's teacher-forced pass) gives the distributions the drafter proposes when
-    its chain is forced along the true continuation."""
+    """`unroll` (the trainer's teacher-forced pass over the whole sequence, at the target's own
+    positions) gives the distributions the drafter proposes when its chain is forced along the true
+    continuation (a chain-shaped static tree: grown by grow_tree, which the test replaces), at the
+    first step and at a later one after `m` committed entries (fed by the step body)."""
     import mmspec.eagle3_head as e3
     from mmspec.tree import TreePool, _finish
 
     tgt = target(tdir, family)
     head_dir = write_head(tmp_path / "head", tgt, "plain", seed=5, mrope=MROPE["plain"] if family == "qwen2vl" else None)
     d = load_drafter(str(head_dir), tgt)
-    img, depth = image(4), 3
+    img, depth, m = image(4), 3, 3
     inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
-    full = inputs["input_ids"][0].tolist() + generate(tgt, None, img, PROMPT, DecodeConfig(max_new_tokens=depth)).token_ids
     P = inputs["input_ids"].shape[1]
+    out = generate(tgt, None, img, PROMPT, DecodeConfig(max_new_tokens=m + depth + 1)).token_ids
+    full = inputs["input_ids"][0].tolist() + out
+    aux = sequence_aux(tgt, d, inputs, full)
     rows = []
 
     def forced_chain(expand, spec, sample, gen):
+        root = d.req.n_cache - 1  # entry of the last committed position
         pool, q, parent = TreePool(), {}, -1
         for j in range(depth):
             q[parent] = expand(pool, [parent])[0]
-            rows.append(q[parent])
-            parent = pool.add(full[P + 1 + j] if P + 1 + j < len(full) else 0, parent, 0.0, 0.0)
+            rows.append((root, j, q[parent]))
+            parent = pool.add(full[root + 2 + j], parent, 0.0, 0.0)
         return _finish(pool, list(range(len(pool.tokens))), q)
 
     monkeypatch.setattr(e3, "grow_tree", forced_chain)
     tm = CachedModel(tgt.model, tgt.family)
-    _, hidden = tm.prefill(inputs, hidden=True)
-    feats = torch.stack([hidden[i][0] for i in d.target_layers])
-    d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, feats, None, False, inputs))
-    d.propose(full[P : P + 1], parse_tree_spec(f"chain:{depth}"), Sampling(0.0), None)
-    aux = feats.permute(1, 0, 2).reshape(P, -1)
-    pos = d.req.prompt_pos
-    tokens = torch.tensor(full[: P + depth] + [0] * max(0, P + depth - len(full)))
+    tm.prefill(inputs)
+    d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, aux[:P].view(P, 3, -1).transpose(0, 1), None, False, inputs))
+    chain = parse_tree_spec(f"static:{[[0] * j for j in range(1, depth + 1)]}")
+    d.propose(full[P : P + 1], chain, Sampling(0.0), None)
+    d.observe(aux[P : P + m].view(m, 3, -1).transpose(0, 1), full[P : P + m])
+    d.propose(full[P : P + 1 + m], chain, Sampling(0.0), None)
+    assert [(r, j) for r, j, _ in rows] == [(P - 1, j) for j in range(depth)] + [(P - 1 + m, j) for j in range(depth)]
+    n = P + m
+    pos = target_positions(tgt, inputs, full)[..., :n]
     with torch.no_grad():
-        logits = e3.unroll(d.head, aux, tokens, pos, depth)
-    for j, row in enumerate(rows):
-        want = torch.softmax(d.head.target_logits(logits[j][P - 1].float()), -1)
+        logits = e3.unroll(d.head, aux[:n], torch.tensor(full[: n + depth]), pos, depth)
+    for root, j, row in rows:
+        want = torch.softmax(d.head.target_logits(logits[j][root].float()), -1)
         torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-4)
 
 
@@ -397,12 +536,15 @@ def agreeing_head(tgt, path, draft_ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tree", ["chain:3", "dynamic:8,3,3"])
-def test_sampling_keeps_the_target_distribution(tmp_path_factory, tree):
+@pytest.mark.parametrize("tree,static", [("chain:3", None), ("dynamic:8,3,3", True),
+                                         ("static:[[0],[1],[0,0],[1,0]]", None)])
+# static=True: the engine's static-cache fast path (Gumbel noise drawn by DeviceNoise, the tree grown
+# by device_tree in the step body); static trees are grown by grow_tree over the drafter's buffers.
+def test_sampling_keeps_the_target_distribution(tmp_path_factory, tree, static):
     root = tmp_path_factory.mktemp("eagle3-peaky")
     tgt = load_target(str(build_llava(root / "t", seed=12, layers=LAYERS, peaky=12.0)), DEVICE, DTYPE)
     d = load_drafter(str(agreeing_head(tgt, root / "head", draft_vocab(tgt, frac=0.7, seed=5))), tgt)
-    pvalue, accepted = engine_pair_pvalue(tgt, d, tree, n=600)
+    pvalue, accepted = engine_pair_pvalue(tgt, d, tree, n=600, static_cache=static)
     assert accepted > 0.2, "the head should get some drafts accepted, or the test proves little"
     assert pvalue > 1e-3
 
