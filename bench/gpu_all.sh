@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU number of the project in one command (one lent-GPU call of < 10 minutes):
 #   TRAIN_MIN=4.8 bash bench/gpu_all.sh OUTDIR
-# 1. with TRAIN_MIN > 0: the feature drafters (two trainer processes: the four most distinct
-#    variants, then the other seven) and the EAGLE-3 format head retrained by self-distillation,
+# 1. with TRAIN_MIN > 0: the feature drafters (one trainer process per set of TRAIN_SETS, default the
+#    four most distinct variants and the other seven, 4096 prompts each; SAMPLED_FRAC of the
+#    answers sampled, UNROLL training-time-test steps) and the EAGLE-3 format head (TRAIN_HEAD=0:
+#    not) retrained by self-distillation,
 #    side by side, while the CUDA losslessness tests run (fp32, CHECKS_S seconds, 0 skips them);
 #    the new drafters replace those in assets/models for what follows;
 # 2. then, alone on the GPU so timings are clean: the speed benchmark on describe prompts (T=0 and
@@ -23,12 +25,20 @@ M=assets/models
 TRAIN_MIN=${TRAIN_MIN:-0}
 if [ "$TRAIN_MIN" != 0 ]; then
   lim=$(python3 -c "print(int(float('$TRAIN_MIN') * 60 + 60))")
-  feat="--device cuda --out .out/feat --pool 16384 --batch 128 --time-budget-min $TRAIN_MIN"
-  ( timeout $lim python3 -m mmspec.train_feature --variant eagle3,dream,vispec,aasd $feat >$R/train_feat4.log 2>&1 ) &
-  ( timeout $lim python3 -m mmspec.train_feature --variant eagle,pool2,pool4,topk,msd,flash,dream_topk $feat \
-      >$R/train_feat7.log 2>&1 ) &
-  ( timeout $lim python3 -m mmspec.train_eagle3 --out .out/feat/mmspec-eagle3-head --device cuda \
-      --time-budget-min $TRAIN_MIN >$R/train_eagle3.log 2>&1 ) &
+  # Half the answers sampled at T=1: drafters trained on greedy answers alone lose most of their
+  # acceptance on sampled prefixes (bench/results: T=1 tau fell to half of T=0's).
+  frac=${SAMPLED_FRAC:-0.5}
+  feat="--device cuda --out .out/feat --batch 128 --sampled-frac $frac --time-budget-min $TRAIN_MIN ${UNROLL:+--unroll $UNROLL}"
+  i=0
+  for set in ${TRAIN_SETS:-eagle3,dream,vispec,aasd:4096 eagle,pool2,pool4,topk,msd,flash,dream_topk:4096}; do
+    i=$((i + 1))  # one trainer per set (variants:pool), side by side
+    ( timeout $lim python3 -m mmspec.train_feature --variant ${set%%:*} --pool ${set##*:} $feat \
+        >$R/train_feat$i.log 2>&1 ) &
+  done
+  if [ "${TRAIN_HEAD:-1}" != 0 ]; then
+    ( timeout $lim python3 -m mmspec.train_eagle3 --out .out/feat/mmspec-eagle3-head --device cuda --sampled-frac $frac \
+        --time-budget-min $TRAIN_MIN >$R/train_eagle3.log 2>&1 ) &
+  fi
 fi
 if [ "${CHECKS_S:-150}" != 0 ]; then
   MMSPEC_TEST_DEVICE=cuda timeout ${CHECKS_S:-150} nice python3 -m pytest -q -rf -p no:cacheprovider -m "not slow" \
