@@ -6,7 +6,7 @@ Public API: load a target, pick a drafter, decode; every step is recorded in pla
     drafter = load_drafter("ngram", target)
     gen = generate(target, drafter, "cat.png", "Describe the image.", DecodeConfig(tree="chain:4"))
 """
-from mmspec.drafters import Drafter, ModelDrafter, NgramDrafter, RandomDrafter, load_drafter
+from mmspec.drafters.model import Drafter, ModelDrafter, NgramDrafter, RandomDrafter, load_drafter
 from mmspec.engine import DecodeConfig, Decoder, generate
 from mmspec.errors import InputError
 from mmspec.load import Target, load_image, load_target

@@ -119,7 +119,7 @@ def _quiet_libraries():
 
 def _generate(args) -> int:
     _with_defaults(args)
-    from mmspec.drafters import load_drafter
+    from mmspec.drafters.model import load_drafter
     from mmspec.engine import DecodeConfig, generate
     from mmspec.load import load_image, load_target, resolve_device, resolve_dtype
     from mmspec.trace import save_trace
@@ -157,7 +157,7 @@ def _generate(args) -> int:
 
 
 def _export_eagle3(args) -> int:
-    from mmspec.eagle3_head import export_eagle3
+    from mmspec.drafters.eagle3_head import export_eagle3
 
     print(export_eagle3(args.src, args.out))
     return 0

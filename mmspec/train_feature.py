@@ -1,4 +1,4 @@
-"""Train feature-level drafters (EAGLE family, see mmspec.feature_drafter) for a target VLM.
+"""Train feature-level drafters (EAGLE family, see mmspec.drafters.feature.drafter) for a target VLM.
 
     python -m mmspec.train_feature --variant eagle3,dream,vispec,aasd --out assets/models --device cuda \
         --time-budget-min 7
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from mmspec import entropy
 from mmspec.errors import InputError
-from mmspec.feature_drafter import (
+from mmspec.drafters.feature.drafter import (
     QUERY, TEXT, VARIANTS, FeatNet, FeatureDrafter, Shared, load_feature_drafter, make_config, rms,
     save_feature_drafter, size_report,
 )
@@ -370,7 +370,7 @@ def write_card(path: Path, v: str, net: FeatNet, info: dict) -> None:
     lines = [
         f"# mmspec-feat-{v}",
         "",
-        f"Feature-level drafter (`mmspec.feature_drafter`, variant `{v}`) for `{info['target_name']}`. "
+        f"Feature-level drafter (`mmspec.drafters.feature.drafter`, variant `{v}`) for `{info['target_name']}`. "
         "Load with `mmspec.load_drafter(path, target)`; the target's embeddings, final norm and LM head are shared "
         "at load time (not stored here).",
         "",

@@ -1,4 +1,4 @@
-"""EAGLE-3 heads in the vLLM / SGLang / SpecForge format (mmspec.eagle3_head).
+"""EAGLE-3 heads in the vLLM / SGLang / SpecForge format (mmspec.drafters.eagle3_head).
 
 Heads are written here tensor by tensor from the format's description (not through the module under
 test): random weights sized from a tiny target's config, a reduced and shuffled draft vocabulary
@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
-from mmspec.drafters import DraftContext
-from mmspec.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
+from mmspec.drafters.model import DraftContext
+from mmspec.drafters.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
 from mmspec.model import CachedModel
 from mmspec.tree import parse_tree_spec
 from mmspec.verify import Sampling
@@ -160,7 +160,7 @@ def fit(tgt, d, tokens_out, steps=12, depth=3):
     """Teacher-force the loaded head on one continuation with `unroll` (the trainer's pass): cross-
     entropy on the draft vocabulary for depths 1..3, 0.8**j weights. Random heads are never accepted;
     a fitted one is, so the tests below also exercise accepted paths, bonus tokens and rollback."""
-    from mmspec.eagle3_head import unroll
+    from mmspec.drafters.eagle3_head import unroll
 
     img = image(0)
     inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
@@ -326,7 +326,7 @@ def test_draft_distributions_match_the_format(tdir, tmp_path, family, spec):
 def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
     """`unroll` (the trainer's teacher-forced pass) gives the distributions the drafter proposes when
     its chain is forced along the true continuation."""
-    import mmspec.eagle3_head as e3
+    import mmspec.drafters.eagle3_head as e3
     from mmspec.tree import TreePool, _finish
 
     tgt = target(tdir, family)
@@ -486,7 +486,7 @@ def test_mrope_layout_matches_transformers(family):
     transformers' own rotary embedding of that family, at random 3-D positions."""
     import importlib
 
-    from mmspec.eagle3_head import Eagle3Head, HeadConfig
+    from mmspec.drafters.eagle3_head import Eagle3Head, HeadConfig
 
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     conf = importlib.import_module(f"transformers.models.{family}.configuration_{family}")

@@ -1,4 +1,4 @@
-"""Feature-level drafters (mmspec.feature_drafter): losslessness of every variant, train/inference
+"""Feature-level drafters (mmspec.drafters.feature.drafter): losslessness of every variant, train/inference
 agreement, save/load, target checks, attention entropy and layer choice, compression maps, and a
 smoke training run."""
 import json
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import mmspec.feature_drafter as fdm
+import mmspec.drafters.feature.drafter as fdm
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, Decoder, InputError, generate, load_drafter, load_target
 from mmspec import entropy
-from mmspec.feature_drafter import (
+from mmspec.drafters.feature.drafter import (
     VARIANTS, FeatConfig, create_feature_drafter, image_grid, load_feature_drafter, plan_entries, save_feature_drafter,
 )
 from mmspec.model import CachedModel

@@ -35,7 +35,7 @@ def test_split_target_is_lossless(split_and_whole, tiny_dir, tree):
 
 
 def test_feature_drafter_on_a_split_target(split_and_whole):
-    from mmspec.feature_drafter import create_feature_drafter
+    from mmspec.drafters.feature.drafter import create_feature_drafter
 
     split, whole = split_and_whole
     ref = generate(whole, None, image(1), PROMPT, DecodeConfig(max_new_tokens=24))

@@ -9,7 +9,7 @@ import torch
 import feat_loss_reference as ref
 from mmspec import load_target
 from mmspec import train_feature as tf
-from mmspec.feature_drafter import VARIANTS, create_feature_drafter
+from mmspec.drafters.feature.drafter import VARIANTS, create_feature_drafter
 from mmspec.train_feature_data import FeatureCache, item_loader, target_answers, with_answers
 
 _cache: dict = {}

@@ -233,8 +233,8 @@ def load_drafter(name: str | None, target, device: str | None = None, dtype: str
         return NgramDrafter()
     if name == "random":
         return RandomDrafter(len(target.tokenizer))
-    from mmspec.eagle3_head import is_eagle3_head, load_eagle3_head
-    from mmspec.feature_drafter import is_feature_drafter, load_feature_drafter
+    from mmspec.drafters.eagle3_head import is_eagle3_head, load_eagle3_head
+    from mmspec.drafters.feature.drafter import is_feature_drafter, load_feature_drafter
 
     if is_eagle3_head(name):  # config.json naming LlamaForCausalLMEagle3 (vLLM / SGLang / SpecForge format)
         return load_eagle3_head(name, target)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters import DraftContext, Drafter
+from mmspec.drafters.model import DraftContext, Drafter
 from mmspec.errors import InputError
 from mmspec.graphs import DeviceNoise, GraphTable, replay
 from mmspec.kvcache import to_device

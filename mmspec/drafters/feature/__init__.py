@@ -1,0 +1,1 @@
+"""Feature-level drafters (EAGLE family)."""
