@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from mmspec.drafters.eagle3_head import Eagle3HeadDrafter, create_head, save_mmspec_head, unroll_batch
 from mmspec.errors import InputError
-from mmspec.drafters.feature.drafter import text_config
+from mmspec.drafters.feature.net import text_config
 from mmspec.train import POOL_SEED_BASE, autocast, hardware, log
 from mmspec.train_feature import engine_eval, expected_accept
 

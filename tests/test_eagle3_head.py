@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
-from mmspec.drafters.model import DraftContext
+from mmspec.drafters.base import DraftContext
 from mmspec.drafters.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
 from mmspec.model import CachedModel
 from mmspec.tree import parse_tree_spec

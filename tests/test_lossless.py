@@ -204,7 +204,7 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
     is drafted in one graph); here the graphs' bodies run eagerly on the CPU (replay = plain call),
     so pad rows are checked to change nothing."""
     from mmspec import engine, model
-    from mmspec.drafters import model as drafters
+    from mmspec.drafters import model as drafters  # ModelDrafter's module
 
     class Padded(model.CachedModel):
         def __init__(self, *args, **kwargs):

@@ -56,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters.model import DraftContext, Drafter
+from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.errors import InputError
-from mmspec.drafters.feature.drafter import RMSNorm, apply_rope, attend, rope_cos_sin, target_fingerprint, text_config
+from mmspec.drafters.feature.files import target_fingerprint
+from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_sin, text_config
 from mmspec.tree import Proposal, TreePool, grow_tree, tree_attention
 from mmspec.verify import draft_probs
 
@@ -767,7 +768,7 @@ def create_head(target, aux: tuple[int, ...] | None = None, draft_ids: list[int]
 
 
 def _sized(tc, aux, draft_ids) -> HeadConfig:
-    from mmspec.drafters.feature.drafter import rope_theta
+    from mmspec.drafters.feature.net import rope_theta
 
     heads = tc.num_attention_heads
     rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
