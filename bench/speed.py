@@ -53,12 +53,12 @@ import transformers  # noqa: E402
 
 from mmspec import DecodeConfig, ModelDrafter, generate, load_drafter, load_target  # noqa: E402
 from mmspec.defaults import pick_fastest  # noqa: E402
+from mmspec.drafters import registry  # noqa: E402
 from mmspec.load import ASSETS  # noqa: E402
 from mmspec.world import held_out_seeds, sample_example  # noqa: E402
 
 MODELS = ASSETS / "models"
-DEFAULT_DRAFTERS = [str(MODELS / "mmspec-draft-vlm"), str(MODELS / "mmspec-draft-text"), "ngram"] + sorted(
-    str(p) for p in MODELS.glob("mmspec-feat-*")) + [str(p) for p in MODELS.glob("mmspec-eagle3-head")]
+DEFAULT_DRAFTERS = registry.benchmarked(MODELS)  # every shipped drafter and ngram (random is not worth timing)
 Record = dict[str, Any]  # one prompt's outcome: tokens, tps, forwards (after prefill), [draft/verify/overhead ms]
 
 

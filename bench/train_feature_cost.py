@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import feat_loss_reference as ref  # noqa: E402
 from mmspec import train_feature as tf  # noqa: E402
-from mmspec.feature_drafter import FeatNet, Shared, make_config  # noqa: E402
+from mmspec.drafters.feature.net import FeatNet, Shared, make_config  # noqa: E402
 from mmspec.load import load_target  # noqa: E402
 
 VIEWS = {"aten.view", "aten.t", "aten.unsqueeze", "aten.slice", "aten.expand", "aten._unsafe_view", "aten.detach",

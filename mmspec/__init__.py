@@ -6,7 +6,11 @@ Public API: load a target, pick a drafter, decode; every step is recorded in pla
     drafter = load_drafter("ngram", target)
     gen = generate(target, drafter, "cat.png", "Describe the image.", DecodeConfig(tree="chain:4"))
 """
-from mmspec.drafters import Drafter, ModelDrafter, NgramDrafter, RandomDrafter, load_drafter
+from mmspec.drafters.base import Drafter
+from mmspec.drafters.model import ModelDrafter
+from mmspec.drafters.ngram import NgramDrafter
+from mmspec.drafters.noise import RandomDrafter
+from mmspec.drafters.registry import load_drafter
 from mmspec.engine import DecodeConfig, Decoder, generate
 from mmspec.errors import InputError
 from mmspec.load import Target, load_image, load_target

@@ -40,11 +40,13 @@ def _say_error(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmspec.drafters import registry
+
     ap = _Parser(prog="python -m mmspec", description="Lossless speculative decoding for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="answer a prompt about an image, with a drafter")
     g.add_argument("--target", default=None, help="model directory or hub id (default: the embedded model in assets/)")
-    g.add_argument("--drafter", default=None, help="vanilla, ngram, random, or a draft model directory / hub id "
+    g.add_argument("--drafter", default=None, help=registry.help_text() + " "
                    "(default: for the embedded target the fastest method measured on a GPU, "
                    "assets/default_method.json; else ngram)")
     g.add_argument("--image", default=None, help="image file (optional for text-only prompts)")
@@ -119,7 +121,7 @@ def _quiet_libraries():
 
 def _generate(args) -> int:
     _with_defaults(args)
-    from mmspec.drafters import load_drafter
+    from mmspec.drafters import registry
     from mmspec.engine import DecodeConfig, generate
     from mmspec.load import load_image, load_target, resolve_device, resolve_dtype
     from mmspec.trace import save_trace
@@ -136,10 +138,11 @@ def _generate(args) -> int:
     max_memory = _max_memory(args.max_memory, args.device_map)
     if args.trace:
         _check_writable(args.trace)
+    registry.find(args.drafter)  # an unknown drafter name, or a path that cannot be a drafter
     target = load_target(args.target, args.device, args.dtype, device_map=args.device_map, max_memory=max_memory,
                          family=args.family)
     _check_placeholders(args.prompt, target)
-    drafter = load_drafter(args.drafter, target)
+    drafter = registry.load_drafter(args.drafter, target)
     gen = generate(target, drafter, image, args.prompt, config)
     if args.trace:
         try:
@@ -157,7 +160,7 @@ def _generate(args) -> int:
 
 
 def _export_eagle3(args) -> int:
-    from mmspec.eagle3_head import export_eagle3
+    from mmspec.drafters.eagle3_head import export_eagle3
 
     print(export_eagle3(args.src, args.out))
     return 0

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
-from mmspec.drafters import DraftContext, Drafter
+from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.errors import InputError
 from mmspec.kvcache import to_device
 from mmspec.load import Target, load_image

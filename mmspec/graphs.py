@@ -1,5 +1,5 @@
 """CUDA-graph capture and replay, shared by the target's fast path (`model.CachedModel`) and the
-feature drafters' device loops (`feature_drafter`).
+feature drafters' device loops (`mmspec.drafters.feature.drafter`).
 
 A `GraphTable` belongs to one set of static buffers: its graphs read and write those buffers'
 addresses, so the table lives and dies with them. `replay(table, key, body, inputs)` captures

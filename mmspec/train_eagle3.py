@@ -1,4 +1,4 @@
-"""Train an EAGLE-3 head in the vLLM / SGLang / SpecForge format for a target VLM (mmspec.eagle3_head).
+"""Train an EAGLE-3 head in the vLLM / SGLang / SpecForge format for a target VLM (mmspec.drafters.eagle3_head).
 
     python -m mmspec.train_eagle3 --target assets/models/mmspec-target --out assets/models/mmspec-eagle3-head \\
         --device cuda --time-budget-min 4
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmspec.eagle3_head import Eagle3HeadDrafter, create_head, save_mmspec_head, unroll_batch
+from mmspec.drafters.eagle3_head import Eagle3HeadDrafter, create_head, save_mmspec_head, unroll_batch
 from mmspec.errors import InputError
-from mmspec.feature_drafter import text_config
+from mmspec.drafters.feature.net import text_config
 from mmspec.train import POOL_SEED_BASE, autocast, hardware, log
 from mmspec.train_feature import engine_eval, expected_accept
 

@@ -1,4 +1,4 @@
-"""Train feature-level drafters (EAGLE family, see mmspec.feature_drafter) for a target VLM.
+"""Train feature-level drafters (EAGLE family, see mmspec.drafters.feature) for a target VLM.
 
     python -m mmspec.train_feature --variant eagle3,dream,vispec,aasd --out assets/models --device cuda \
         --time-budget-min 7
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from mmspec import entropy
+from mmspec.drafters.feature.drafter import FeatureDrafter
+from mmspec.drafters.feature.files import load_feature_drafter, save_feature_drafter
+from mmspec.drafters.feature.net import VARIANTS, FeatNet, Shared, make_config, rms, size_report
+from mmspec.drafters.feature.plan import QUERY, TEXT
 from mmspec.errors import InputError
-from mmspec.feature_drafter import (
-    QUERY, TEXT, VARIANTS, FeatNet, FeatureDrafter, Shared, load_feature_drafter, make_config, rms,
-    save_feature_drafter, size_report,
-)
 from mmspec.train import Schedule
 from mmspec.train_feature_data import (  # noqa: F401 - WorldData and Collate are part of this module's API
     TEXT_FRAC, Batch, Collate, FeatureCache, WorldData, batch_entropy, cache_from_batch, item_loader, pad_id,
@@ -370,7 +370,7 @@ def write_card(path: Path, v: str, net: FeatNet, info: dict) -> None:
     lines = [
         f"# mmspec-feat-{v}",
         "",
-        f"Feature-level drafter (`mmspec.feature_drafter`, variant `{v}`) for `{info['target_name']}`. "
+        f"Feature-level drafter (`mmspec.drafters.feature`, variant `{v}`) for `{info['target_name']}`. "
         "Load with `mmspec.load_drafter(path, target)`; the target's embeddings, final norm and LM head are shared "
         "at load time (not stored here).",
         "",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmspec import entropy
-from mmspec.feature_drafter import TEXT, image_grid, plan_entries
+from mmspec.drafters.feature.plan import TEXT, image_grid, plan_entries
 
 TEXT_FRAC = 0.1  # share of image questions asked without their image (MSD's text-only stage uses them)
 
@@ -307,7 +307,7 @@ def _entry_arrays(entries, m: int) -> dict[str, np.ndarray]:
 
 
 class PlanTable:
-    """Entries (mmspec.feature_drafter.plan_entries) of every cached sample for one plan layout,
+    """Entries (mmspec.drafters.feature.plan.plan_entries) of every cached sample for one plan layout,
     as device tensors [n, Te]; host copies of the per-sample sizes give batch shapes without syncs.
 
     Entries' source positions increase along a plan, so the plan of a sequence of N positions is a

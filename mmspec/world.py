@@ -961,6 +961,16 @@ def held_out_seeds(n: int, offset: int = 0) -> list[int]:
     return [HELD_OUT_BASE + offset + i for i in range(n)]
 
 
+def default_calibration(n: int = 4) -> list[tuple[Image.Image, str]]:
+    """(image, prompt + answer) pairs of held-out examples: what an untrained feature drafter's
+    attention-entropy calibration runs over (`mmspec.drafters.feature.calibrate.calibrate_entropy`)."""
+    out = []
+    for s in held_out_seeds(n, offset=900_000):
+        img, qa, _ = sample_example(s)
+        out.append((img, qa.prompt + "\n" + qa.answer))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Chat format (must match CHAT_TEMPLATE exactly; tests check it)
 # ---------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mmspec import entropy
-from mmspec.feature_drafter import QUERY, TEXT, FeatNet, image_grid, plan_entries, rms
+from mmspec.drafters.feature.net import FeatNet, rms
+from mmspec.drafters.feature.plan import QUERY, TEXT, image_grid, plan_entries
 
 # ------------------------------------------------------------------------------------------------
 # One target forward, shared by every variant
@@ -121,7 +122,7 @@ def batch_entropy(target, sb, hs, cache) -> list[float]:
 
 
 def build_plan(cfg, sb, dev):
-    """Entries of every sample (mmspec.feature_drafter.plan_entries, the inference code) as tensors
+    """Entries of every sample (mmspec.drafters.feature.plan.plan_entries, the inference code) as tensors
     (on `dev`) plus their numpy copies (for host-side index building without device syncs)."""
     B = sb.B
     per = []

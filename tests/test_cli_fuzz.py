@@ -162,7 +162,8 @@ def _write_draft_models(d: Path, tiny: Path) -> None:
 def _write_feature_drafters(d: Path, tiny: Path) -> Path:
     """A real EAGLE drafter for the tiny LLaVA, then copies each broken in one way."""
     from mmspec import load_target
-    from mmspec.feature_drafter import META_FILE, WEIGHTS_FILE, create_feature_drafter, save_feature_drafter
+    from mmspec.drafters.feature.drafter import create_feature_drafter
+    from mmspec.drafters.feature.files import META_FILE, WEIGHTS_FILE, save_feature_drafter
 
     tgt = load_target(str(tiny / "llava"), "cpu", "float32")
     ok = save_feature_drafter(create_feature_drafter("eagle", tgt, profile=[1.0, 1.0]), d / "feat-ok")

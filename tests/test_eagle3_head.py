@@ -1,4 +1,4 @@
-"""EAGLE-3 heads in the vLLM / SGLang / SpecForge format (mmspec.eagle3_head).
+"""EAGLE-3 heads in the vLLM / SGLang / SpecForge format (mmspec.drafters.eagle3_head).
 
 Heads are written here tensor by tensor from the format's description (not through the module under
 test): random weights sized from a tiny target's config, a reduced and shuffled draft vocabulary
@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
-from mmspec.drafters import DraftContext, Drafter
-from mmspec.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
+from mmspec.drafters.base import DraftContext, Drafter
+from mmspec.drafters.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
 from mmspec.model import CachedModel
 from mmspec.tree import grow_tree, parse_tree_spec
 from mmspec.verify import Sampling
@@ -166,7 +166,7 @@ def whole_sequence(inputs, full):
     seq = {k: torch.cat([v, v[:, -1:].expand(1, len(full) - P)], 1) if v.dim() == 2 and v.shape == (1, P) else v
            for k, v in inputs.items()}
     seq["input_ids"] = torch.tensor([full])
-    return seq
+    return {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in seq.items()}
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def fit(tgt, d, tokens_out, steps=12, depth=3):
     """Teacher-force the loaded head on one continuation with `unroll` (the trainer's pass): cross-
     entropy on the draft vocabulary for depths 1..3, 0.8**j weights. Random heads are never accepted;
     a fitted one is, so the tests below also exercise accepted paths, bonus tokens and rollback."""
-    from mmspec.eagle3_head import unroll
+    from mmspec.drafters.eagle3_head import unroll
 
     img = image(0)
     inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
@@ -193,9 +193,9 @@ def fit(tgt, d, tokens_out, steps=12, depth=3):
     d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, aux[:P].view(P, 3, -1).transpose(0, 1), None, False, inputs))
     pos = d._positions(0, n)
     d.finish()
-    draft_id = torch.full((d.cfg.vocab,), -1)
-    draft_id[d.head.target_ids()] = torch.arange(d.cfg.draft_vocab)
-    tokens = torch.tensor(full + [0] * depth)
+    draft_id = torch.full((d.cfg.vocab,), -1, device=DEVICE)
+    draft_id[d.head.target_ids()] = torch.arange(d.cfg.draft_vocab, device=DEVICE)
+    tokens = torch.tensor(full + [0] * depth, device=DEVICE)
     opt = torch.optim.Adam(d.head.parameters(), lr=3e-3)
     losses = []
     for _ in range(steps):
@@ -460,7 +460,7 @@ def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
     positions) gives the distributions the drafter proposes when its chain is forced along the true
     continuation (a chain-shaped static tree: grown by grow_tree, which the test replaces), at the
     first step and at a later one after `m` committed entries (fed by the step body)."""
-    import mmspec.eagle3_head as e3
+    import mmspec.drafters.eagle3_head as e3
     from mmspec.tree import TreePool, _finish
 
     tgt = target(tdir, family)
@@ -628,7 +628,7 @@ def test_mrope_layout_matches_transformers(family):
     transformers' own rotary embedding of that family, at random 3-D positions."""
     import importlib
 
-    from mmspec.eagle3_head import Eagle3Head, HeadConfig
+    from mmspec.drafters.eagle3_head import Eagle3Head, HeadConfig
 
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     conf = importlib.import_module(f"transformers.models.{family}.configuration_{family}")

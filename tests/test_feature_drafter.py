@@ -1,4 +1,4 @@
-"""Feature-level drafters (mmspec.feature_drafter): losslessness of every variant, train/inference
+"""Feature-level drafters (mmspec.drafters.feature): losslessness of every variant, train/inference
 agreement, save/load, target checks, attention entropy and layer choice, compression maps, and a
 smoke training run."""
 import json
@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-import mmspec.feature_drafter as fdm
+import mmspec.drafters.feature.drafter as fdm
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, Decoder, InputError, generate, load_drafter, load_target
 from mmspec import entropy
-from mmspec.feature_drafter import (
-    VARIANTS, FeatConfig, create_feature_drafter, image_grid, load_feature_drafter, plan_entries, save_feature_drafter,
-)
+from mmspec.drafters.feature.drafter import create_feature_drafter
+from mmspec.drafters.feature.files import load_feature_drafter, save_feature_drafter
+from mmspec.drafters.feature.net import VARIANTS, FeatConfig
+from mmspec.drafters.feature.plan import QUERY, VIS, image_grid, plan_entries
 from mmspec.model import CachedModel
 from mmspec.tree import TreePool, _finish
+from mmspec.world import default_calibration
 from test_sampling import ENGINE_SAMPLING, engine_pair_pvalue
 from tiny_models import image
 
@@ -54,7 +56,8 @@ def reference(tiny_dir, family, seed=0):
 def drafter(tiny_dir, family, variant, seed=0, perturb=0.3, **over):
     """A random drafter with every path switched on (zero-initialised gates/fusions perturbed)."""
     tgt = target(tiny_dir, family)
-    d = create_feature_drafter(variant, tgt, seed=seed, profile=_profiles.get(family), **over)
+    d = create_feature_drafter(variant, tgt, seed=seed, profile=_profiles.get(family),
+                               examples=None if family in _profiles else default_calibration(), **over)
     _profiles[family] = d.meta["entropy_profile"]
     if perturb:
         g = torch.Generator().manual_seed(seed + 17)
@@ -174,7 +177,8 @@ def test_training_forward_matches_inference(tiny_dir, variant, monkeypatch):
         return propose(committed, *a)
 
     d.propose = spy
-    gen = generate(tgt, d, img, PROMPT, DecodeConfig(max_new_tokens=24, tree="chain:3"))
+    # The eager path: the forced chain replaces grow_tree, which the device fast path (CUDA's default) never calls.
+    gen = generate(tgt, d, img, PROMPT, DecodeConfig(max_new_tokens=24, tree="chain:3", static_cache=False))
     assert gen.token_ids == ref.token_ids
     assert all(s.accepted_len == len(s.tree) for s in gen.steps if s.kind == "draft")  # all drafts true
 
@@ -399,7 +403,7 @@ def test_compression_maps_on_a_14x14_grid():
     entries, vmap = plan(compress="pool", pool=2)
     assert vmap["grid"] == [14, 14] and len(vmap["status"]) == 196 and _counts(vmap["status"]) == {"merged": 196}
     assert len(set(vmap["groups"])) == 49 and len(entries) == P - 196 + 49
-    assert all(len(e.members) == 4 for e in entries if e.kind == fdm.VIS)
+    assert all(len(e.members) == 4 for e in entries if e.kind == VIS)
     entries, vmap = plan(compress="pool", pool=4)
     assert len(set(vmap["groups"])) == 16 and len(entries) == P - 196 + 16  # 4 x 4 groups (edges of 2)
     sal = [float(i % 7) for i in range(196)]
@@ -409,7 +413,7 @@ def test_compression_maps_on_a_14x14_grid():
     assert min(sal[i] for i in kept) >= max(sal[i] for i in range(196) if i not in kept)
     entries, vmap = plan(compress="queries", queries=3)
     assert _counts(vmap["status"]) == {"merged": 196} and len(entries) == P - 196 + 3
-    q = [e for e in entries if e.kind == fdm.QUERY]
+    q = [e for e in entries if e.kind == QUERY]
     assert [e.rope for e in q] == [v0 + n - 4, v0 + n - 3, v0 + n - 2]  # the span's last positions
     # Positions after the image keep their own RoPE position.
     assert entries[-1].rope == P - 1 and entries[-1].post

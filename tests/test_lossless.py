@@ -203,7 +203,8 @@ def test_padded_forwards_of_the_graph_path_are_lossless(tiny_dir, monkeypatch):
     """On a GPU every forward is padded to a power of two before its CUDA graph replays (and a chain
     is drafted in one graph); here the graphs' bodies run eagerly on the CPU (replay = plain call),
     so pad rows are checked to change nothing."""
-    from mmspec import drafters, engine, model
+    from mmspec import engine, model
+    from mmspec.drafters import model as drafters  # ModelDrafter's module
 
     class Padded(model.CachedModel):
         def __init__(self, *args, **kwargs):

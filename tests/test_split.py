@@ -35,10 +35,11 @@ def test_split_target_is_lossless(split_and_whole, tiny_dir, tree):
 
 
 def test_feature_drafter_on_a_split_target(split_and_whole):
-    from mmspec.feature_drafter import create_feature_drafter
+    from mmspec.drafters.feature.drafter import create_feature_drafter
+    from mmspec.world import default_calibration
 
     split, whole = split_and_whole
     ref = generate(whole, None, image(1), PROMPT, DecodeConfig(max_new_tokens=24))
-    gen = generate(split, create_feature_drafter("eagle", split), image(1), PROMPT,
+    gen = generate(split, create_feature_drafter("eagle", split, examples=default_calibration()), image(1), PROMPT,
                    DecodeConfig(max_new_tokens=24, tree="dynamic:8,3,2"))
     assert gen.token_ids == ref.token_ids

@@ -11,7 +11,7 @@ import torch
 
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, generate, load_drafter, load_target
-from mmspec.eagle3_head import create_head, export_eagle3, unroll, unroll_batch
+from mmspec.drafters.eagle3_head import create_head, export_eagle3, unroll, unroll_batch
 from mmspec.world import held_out_seeds, sample_example
 from test_eagle3_head import LAYERS, _one_thread, target, tdir  # noqa: F401 - fixtures: one thread, tiny 4-layer targets
 from tiny_models import build_llava, build_qwen2_vl

@@ -9,8 +9,10 @@ import torch
 import feat_loss_reference as ref
 from mmspec import load_target
 from mmspec import train_feature as tf
-from mmspec.feature_drafter import VARIANTS, create_feature_drafter
+from mmspec.drafters.feature.drafter import create_feature_drafter
+from mmspec.drafters.feature.net import VARIANTS
 from mmspec.train_feature_data import FeatureCache, item_loader, target_answers, with_answers
+from mmspec.world import default_calibration
 
 _cache: dict = {}
 
@@ -33,7 +35,8 @@ def setup(tiny_dir):
 
 
 def drafter(c, variant):
-    d = create_feature_drafter(variant, c["tgt"], seed=1, profile=c["profile"])
+    d = create_feature_drafter(variant, c["tgt"], seed=1, profile=c["profile"],
+                               examples=default_calibration() if c["profile"] is None else None)
     c["profile"] = d.meta["entropy_profile"]
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # switch every zero-initialised path on (gates, fusions)

@@ -1,69 +1,24 @@
-"""Drafters: what proposes tokens for the target to verify.
-
-Every drafter has `start(ctx)` (once per prompt, after the target's prefill) and
-`propose(committed, spec, sampling, gen) -> Proposal`. Drafters with a next-token distribution
-hand an `expand` function to `tree.grow_tree`, which owns the chain/static/dynamic shapes:
-- ModelDrafter: an independent Hugging Face model with the target's tokenizer, either a small VLM
-  that sees the image or a text-only causal LM that does not; it keeps its own KV cache.
-- NgramDrafter: prompt lookup; continuations of earlier occurrences of the current suffix.
-- RandomDrafter: uniform-ish noise; a deliberately bad drafter for tests and lessons.
-Feature-level drafters (EAGLE family) plug in the same way.
+"""ModelDrafter: an independent Hugging Face model with the target's tokenizer, either a small VLM
+that sees the image or a text-only causal LM that does not; it keeps its own KV cache and, on the
+fast path, drafts chains and dynamic trees on the device. Also how a model directory or hub id is
+recognised and loaded as a drafter (`is_model_spec`, `load_model_drafter`, the registry's last row).
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from mmspec import device_tree
+from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.errors import InputError
 from mmspec.families import family_for
 from mmspec.graphs import DeviceNoise
 from mmspec.model import CachedModel, last_layer_device
 from mmspec.trace import DraftTree
-from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention, tree_from_paths
-from mmspec.verify import Sampling, draft_probs
-
-
-@dataclass
-class DraftContext:
-    image: Image.Image | None
-    prompt: str
-    prompt_ids: list[int]  # the target's prefill ids, image tokens expanded
-    target: Any  # mmspec.load.Target
-    target_cache: Any = None  # the target's CachedModel (AASD-style drafters read its KV cache)
-    target_hidden: torch.Tensor | None = None  # [len(target_layers), prompt_len, H] prefill features
-    cache_room: int | None = None  # the engine's fast path: static caches with this room after the prompt
-    cuda_graphs: bool = False
-    target_inputs: dict[str, torch.Tensor] | None = None  # the processor's output the target prefilled with
-
-
-class Drafter:
-    name = "drafter"
-    kind = "base"
-    # Indices into the target's `hidden_states` tuple (0 = embeddings, -1 = last layer) that this
-    # drafter reads; empty = none, and the target then runs without returning hidden states.
-    target_layers: tuple[int, ...] = ()
-
-    def start(self, ctx: DraftContext) -> None:
-        pass
-
-    def finish(self) -> None:
-        """After the last step (also when a decode is stopped or fails): give back what start took."""
-
-    def observe(self, target_hidden: torch.Tensor, tokens: list[int]) -> None:
-        """After each verify: target features [len(target_layers), k, H] at the k positions just
-        committed to the target cache (the step's root, then the accepted nodes), and their tokens."""
-
-    def propose(self, committed: list[int], spec: TreeSpec, sampling: Sampling, gen: torch.Generator) -> Proposal:
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind}
+from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.verify import draft_probs
 
 
 class ModelDrafter(Drafter):
@@ -168,81 +123,18 @@ class ModelDrafter(Drafter):
             self.cm.release()
 
 
-class RandomDrafter(Drafter):
-    """Proposes tokens from random distributions: almost always rejected, still lossless."""
+def is_model_spec(name) -> bool:
+    """Whether `name` names a draft model: an existing save_pretrained directory or a hub id (a bare
+    word that is neither is not). A path that cannot be a model is refused here (InputError)."""
+    from mmspec.load import _where
 
-    kind = "random"
-
-    def __init__(self, vocab_size: int, seed: int = 0):
-        self.name = "random"
-        self.vocab_size = vocab_size
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def propose(self, committed, spec, sampling, gen):
-        def expand(pool, ids):
-            logits = torch.randn(len(ids), self.vocab_size, generator=self.rng) * 3.0
-            return draft_probs(logits, sampling)
-
-        return grow_tree(expand, spec, not sampling.greedy, gen)
+    return not (_where(name) == name and "/" not in name)
 
 
-class NgramDrafter(Drafter):
-    """Prompt lookup: find the current suffix earlier in prompt + output, propose what followed."""
+def load_model_drafter(name, target) -> ModelDrafter:
+    """A draft model directory or hub id -> a ModelDrafter; it must share the target's tokenizer."""
+    from mmspec.load import load_config, load_model, load_processor, same_tokenizer
 
-    kind = "ngram"
-
-    def __init__(self, max_n: int = 4, min_n: int = 1):
-        self.name = "ngram"
-        self.max_n, self.min_n = max_n, min_n
-        self.prompt_ids: list[int] = []
-
-    def info(self):
-        return {"name": self.name, "kind": self.kind, "max_n": self.max_n, "min_n": self.min_n}
-
-    def start(self, ctx: DraftContext) -> None:
-        media = ctx.target.family.media_token_ids(ctx.target.model.config)
-        self.prompt_ids = [t for t in ctx.prompt_ids if t not in media]
-
-    def propose(self, committed, spec, sampling, gen):
-        seq = self.prompt_ids + committed
-        for n in range(min(self.max_n, len(seq) - 1), self.min_n - 1, -1):
-            suffix = seq[-n:]
-            found: Counter[tuple[int, ...]] = Counter()
-            for i in range(len(seq) - n - 1, -1, -1):
-                if seq[i : i + n] == suffix:
-                    cont = tuple(seq[i + n : i + n + spec.depth])
-                    if cont:
-                        found[cont] += 1
-            if found:
-                conts = [(list(c), float(w)) for c, w in found.most_common()]
-                return Proposal(tree_from_paths(conts, spec), {})
-        return Proposal(tree_from_paths([], spec), {})
-
-
-DRAFTER_KINDS = ("vanilla", "ngram", "random")
-
-
-def load_drafter(name: str | None, target, device: str | None = None, dtype: str | None = None) -> Drafter | None:
-    """`vanilla`/None -> no drafter; `ngram`; `random`; else an EAGLE-3 head, feature-drafter or model
-    directory, or a hub id."""
-    from mmspec.load import _where, load_config, load_model, load_processor, same_tokenizer
-
-    if name in (None, "", "vanilla", "none"):
-        return None
-    if name == "ngram":
-        return NgramDrafter()
-    if name == "random":
-        return RandomDrafter(len(target.tokenizer))
-    from mmspec.eagle3_head import is_eagle3_head, load_eagle3_head
-    from mmspec.feature_drafter import is_feature_drafter, load_feature_drafter
-
-    if is_eagle3_head(name):  # config.json naming LlamaForCausalLMEagle3 (vLLM / SGLang / SpecForge format)
-        return load_eagle3_head(name, target)
-    if is_feature_drafter(name):  # a directory with mmspec_drafter.json: an EAGLE-family drafter
-        return load_feature_drafter(name, target)
-    where = _where(name)
-    if where == name and "/" not in name:
-        raise InputError(f"unknown drafter {name!r}: use one of {', '.join(DRAFTER_KINDS)}, a model directory or a hub id")
     config = load_config(name)
     processor = load_processor(name, config)
     tokenizer = getattr(processor, "tokenizer", processor)

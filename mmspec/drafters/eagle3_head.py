@@ -64,9 +64,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmspec import device_tree
-from mmspec.drafters import DraftContext, Drafter
+from mmspec.drafters.base import DraftContext, Drafter
+from mmspec.drafters.feature.files import target_fingerprint
+from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_sin, text_config
 from mmspec.errors import InputError
-from mmspec.feature_drafter import RMSNorm, apply_rope, attend, rope_cos_sin, target_fingerprint, text_config
 from mmspec.graphs import DeviceNoise, GraphTable, replay
 from mmspec.kvcache import to_device
 from mmspec.trace import DraftTree
@@ -417,7 +418,7 @@ def unroll_batch(head: Eagle3Head, aux: torch.Tensor, tokens: torch.Tensor, posi
     hidden = head.first_hidden(aux.to(dev))
     eye = torch.eye(n, dtype=torch.bool, device=dev).expand(B, n, n)
     mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(B, n, n)
-    positions = positions.to(dev)
+    positions, tokens = positions.to(dev), tokens.to(dev)
     past, out = None, []
     for j in range(steps):
         emb = head.embed(tokens[:, 1 + j : 1 + j + n])
@@ -969,7 +970,7 @@ def create_head(target, aux: tuple[int, ...] | None = None, draft_ids: list[int]
 
 
 def _sized(tc, aux, draft_ids) -> HeadConfig:
-    from mmspec.feature_drafter import rope_theta
+    from mmspec.drafters.feature.net import rope_theta
 
     heads = tc.num_attention_heads
     rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
@@ -983,9 +984,3 @@ def _sized(tc, aux, draft_ids) -> HeadConfig:
         mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
         max_positions=int(getattr(tc, "max_position_embeddings", None) or 8192),
     )
-
-
-# The row this drafter takes in the drafters registry the package refactor introduces
-# (name -> recognise, load, label); until then `load_drafter` calls the two functions directly.
-REGISTRY_ROW = {"kind": "eagle3", "label": "EAGLE-3 head (vLLM / SGLang / SpecForge format)",
-                "recognise": is_eagle3_head, "load": load_eagle3_head}
