@@ -69,7 +69,7 @@ TAU=$(python3 - "$R/speed_gpu.json" <<'PY' 2>>"$LOG"
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("temperature") == 0 and not r.get("error") and r.get("tau")]
 out = []
-for shape in ("chain:4", "dynamic:24,5,4"):
+for shape in ("chain:4", "chain:8", "dynamic:24,5,4"):
     cand = [r for r in rows if r["method"].endswith(":" + shape) and "feat" in r["method"]] or \
            [r for r in rows if r["method"].endswith(":" + shape) and "draft-vlm" in r["method"]]
     if cand:
