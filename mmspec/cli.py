@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import re
 import sys
 import warnings

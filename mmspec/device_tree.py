@@ -1,4 +1,5 @@
-"""EAGLE-2 dynamic trees grown on the device: fixed sizes, no host round trip per level.
+"""Drafting on the device: EAGLE-2 dynamic trees grown with fixed sizes (no host round trip per
+level), and the two pieces every device chain shares (`draw`, `chain_proposal`).
 
 The same tree as `tree.grow_tree` for `dynamic:BUDGET,DEPTH,TOPK` (same ranking keys, same
 stable tie-breaks by pool index, children chosen as top-k or Gumbel-top-k of the drafter's q, so
@@ -128,3 +129,20 @@ def to_proposal(t: DeviceTree, spec: TreeSpec) -> Proposal:
         if p in new_index:
             proposals[new_index[p]] = t.q_rows[row]
     return Proposal(tree, proposals)
+
+
+def draw(q: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chain token from q [V] on the device: the argmax of log q (greedy) or of log q plus
+    Gumbel noise from `uniform` [V] (a sample from q). Returns the token [1] and its q [1]."""
+    score = q.log() if uniform is None else gumbel_scores(q.log(), uniform)
+    token = score.argmax().view(1)
+    return token, q.gather(0, token)
+
+
+def chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tensor) -> Proposal:
+    """A chain drafted on the device: its tokens stay there for verification (`Proposal.resolve`
+    fills the host tree afterwards); node d - 1's children are drawn from q_rows[d]."""
+    depth = q_rows.shape[0]
+    tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
+                     draft_probs=[0.0] * depth)
+    return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)

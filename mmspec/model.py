@@ -28,7 +28,7 @@ import torch
 from mmspec import device_tree, graphs, kvcache
 from mmspec.kvcache import to_device
 from mmspec.families import Family, attention_masks
-from mmspec.verify import Sampling, draft_probs, gumbel_scores
+from mmspec.verify import Sampling, draft_probs
 
 
 def _placed(entry) -> torch.device:
@@ -353,10 +353,9 @@ class CachedModel:
         logits, tokens, probs, rows = first, [], [], []
         for d in range(depth):
             q = draft_probs(logits.unsqueeze(0), sampling)[0]
-            score = q.log() if noise is None else gumbel_scores(q.log(), noise[d])
-            token = score.argmax().view(1)
+            token, q_token = device_tree.draw(q, None if noise is None else noise[d])
             tokens.append(token)
-            probs.append(q.gather(0, token))
+            probs.append(q_token)
             rows.append(q)
             if d + 1 < depth:
                 row = (row0 + d).view(1)

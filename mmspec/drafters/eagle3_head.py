@@ -70,9 +70,8 @@ from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_si
 from mmspec.errors import InputError
 from mmspec.graphs import DeviceNoise, GraphTable, replay
 from mmspec.kvcache import to_device
-from mmspec.trace import DraftTree
-from mmspec.tree import NO_TREE, Proposal, TreePool, TreeSpec, grow_tree, tree_attention
-from mmspec.verify import Sampling, draft_probs, gumbel_scores
+from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.verify import Sampling, draft_probs
 
 ARCH = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"
@@ -654,10 +653,9 @@ class Eagle3HeadDrafter(Drafter):
         x, toks, probs, rows = buf.root[None], [], [], []
         for d in range(depth):
             q = self._probs(x, sampling)[0]
-            score = q.log() if noise is None else gumbel_scores(q.log(), noise[d])
-            token = score.argmax().view(1)
+            token, q_token = device_tree.draw(q, None if noise is None else noise[d])
             toks.append(token)
-            probs.append(q.gather(0, token))
+            probs.append(q_token)
             rows.append(q)
             if d + 1 < depth:
                 x = self._forward(x, token, buf.root_pos + d + 1, (row + d).view(1))
@@ -711,7 +709,7 @@ class Eagle3HeadDrafter(Drafter):
             self._feed_prompt(seq, upto)
         new = seq[req.n_cache + 1 : upto + 2]  # token p + 1 of each entry p not yet fed
         if spec.kind == "chain":
-            prop = _chain_proposal(*self._run_step(new, spec, sampling, gen))
+            prop = device_tree.chain_proposal(*self._run_step(new, spec, sampling, gen))
         elif spec.kind == "dynamic":
             prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
         else:
@@ -751,15 +749,6 @@ class Eagle3HeadDrafter(Drafter):
         req.forwards += 1
         rows = torch.arange(start, start + T, device=dev)
         return self._forward(torch.stack(parent_x), tokens, root_pos + depth, rows, allowed.to(dev))
-
-
-def _chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tensor) -> Proposal:
-    """A chain drafted on the device: its tokens stay there for verification (`Proposal.resolve`
-    fills the host tree afterwards); node d - 1's children are drawn from q_rows[d]."""
-    depth = q_rows.shape[0]
-    tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
-                     draft_probs=[0.0] * depth)
-    return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from mmspec.errors import InputError
 from mmspec.families import family_for
 from mmspec.graphs import DeviceNoise
 from mmspec.model import CachedModel, last_layer_device
-from mmspec.trace import DraftTree
 from mmspec.tree import Proposal, TreePool, TreeSpec, grow_tree, tree_attention
 from mmspec.verify import draft_probs
 
@@ -110,13 +109,9 @@ class ModelDrafter(Drafter):
                 noise = self._noise.uniforms(math.prod(shape), first.shape[-1], first.device, gen).view(*shape, -1)
             if spec.kind == "dynamic":
                 return device_tree.to_proposal(cm.draft_tree(first, spec, sampling, noise), spec)
-            tokens, probs, q_rows = cm.draft_chain(first, spec.depth, sampling, noise)
+            return device_tree.chain_proposal(*cm.draft_chain(first, spec.depth, sampling, noise))
         finally:
             cm.rollback()
-        depth = spec.depth
-        tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
-                         draft_probs=[0.0] * depth)
-        return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
 
     def finish(self) -> None:
         if self.cm is not None:

@@ -20,9 +20,8 @@ from mmspec.drafters.feature.net import FeatNet, Shared, make_config, size_repor
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
 from mmspec.graphs import DeviceNoise, GraphTable, replay
 from mmspec.kvcache import to_device
-from mmspec.trace import DraftTree
-from mmspec.tree import NO_TREE, Proposal, TreePool, TreeSpec, grow_tree, tree_attention
-from mmspec.verify import Sampling, draft_probs, gumbel_scores
+from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.verify import Sampling, draft_probs
 
 
 _BIG = 2**62  # DREAM memory rows not yet written carry this position: no entry ever sees them
@@ -336,10 +335,9 @@ class FeatureDrafter(Drafter):
                 row, j, since = row + kf, 0, []
             f = heads[j]
             q = draft_probs(net.logits(f)[None], sampling)[0]
-            score = q.log() if noise is None else gumbel_scores(q.log(), noise[d])
-            token = score.argmax().view(1)
+            token, q_token = device_tree.draw(q, None if noise is None else noise[d])
             toks.append(token)
-            probs.append(q.gather(0, token))
+            probs.append(q_token)
             rows.append(q)
             since.append((token, f))
             j += 1
@@ -385,11 +383,7 @@ class FeatureDrafter(Drafter):
         # On the fast path chains and (single-head) dynamic trees are drafted on the device.
         on_device = req.fast_path and (spec.kind == "chain" or spec.kind == "dynamic" and self.cfg.flash == 1)
         if on_device and spec.kind == "chain":
-            tokens, probs, q_rows = self._run_step(new, spec, sampling, gen)
-            tree = DraftTree(tokens=[0] * spec.depth, parents=list(range(-1, spec.depth - 1)),
-                             depths=list(range(1, spec.depth + 1)), draft_probs=[0.0] * spec.depth)
-            prop = Proposal(tree, {d - 1: q_rows[d] for d in range(spec.depth)}, device_tokens=tokens,
-                            device_probs=probs)
+            prop = device_tree.chain_proposal(*self._run_step(new, spec, sampling, gen))
         elif on_device:
             prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
         else:

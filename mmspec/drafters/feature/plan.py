@@ -53,7 +53,6 @@ def plan_entries(n_pos: int, span: tuple[int, int] | None, grid: tuple[int, int]
 
     span = (v0, n): the image tokens' sequence indices v0..v0+n-1; visual entry i is position v0+i-1.
     """
-    entries: list[Entry] = []
     if span is None:
         return [Entry([p], p) for p in range(own_from, n_pos)], None
     v0, n = span
