@@ -3,8 +3,8 @@
 #   TRAIN_MIN=4.8 bash bench/gpu_all.sh OUTDIR
 # 1. with TRAIN_MIN > 0: the feature drafters (one trainer process per set of TRAIN_SETS, default the
 #    four most distinct variants and the other seven, 4096 prompts each; SAMPLED_FRAC of the
-#    answers sampled, UNROLL training-time-test steps) and the EAGLE-3 format head (TRAIN_HEAD=0:
-#    not) retrained by self-distillation,
+#    answers sampled, UNROLL training-time-test steps) and the EAGLE-3 format head (HEAD_ARGS;
+#    TRAIN_HEAD=0: not) retrained by self-distillation,
 #    side by side, while the CUDA losslessness tests run (fp32, CHECKS_S seconds, 0 skips them);
 #    the new drafters replace those in assets/models for what follows;
 # 2. then, alone on the GPU so timings are clean: the speed benchmark on describe prompts (T=0 and
@@ -37,7 +37,7 @@ if [ "$TRAIN_MIN" != 0 ]; then
   done
   if [ "${TRAIN_HEAD:-1}" != 0 ]; then
     ( timeout $lim python3 -m mmspec.train_eagle3 --out .out/feat/mmspec-eagle3-head --device cuda --sampled-frac $frac \
-        --time-budget-min $TRAIN_MIN >$R/train_eagle3.log 2>&1 ) &
+        --time-budget-min $TRAIN_MIN ${HEAD_ARGS:-} >$R/train_eagle3.log 2>&1 ) &
   fi
 fi
 if [ "${CHECKS_S:-150}" != 0 ]; then
