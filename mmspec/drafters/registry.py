@@ -67,7 +67,8 @@ def _shipped_models(models_dir: Path) -> Menu:
 
 
 def _shipped_feature_drafters(models_dir: Path) -> Menu:
-    """Feature-level drafters (EAGLE family) trained for the embedded target, best first."""
+    """Feature-level drafters (EAGLE family) trained for the embedded target: ViSpec first (its
+    compression map is the visual-token view the app teaches with), then by name."""
     found = sorted(models_dir.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name))
     return [(f"feature drafter: {p.name.removeprefix('mmspec-feat-')} (reads target features)", str(p))
             for p in found if (p / META_FILE).exists()]
