@@ -526,27 +526,30 @@ def chunked(loader, n: int):
     yield from (buf for buf in bufs.values() if buf)
 
 
-def sampled_chunk(k: int, frac: float) -> bool:
-    """Whether the k-th chunk of a kind is answered by sampling: a share frac of the chunks, spread
-    evenly, the first one early (k = 1 at 25%) so that a kind with few chunks still gets one."""
-    return int((k + 1) * frac + 0.5) > int(k * frac + 0.5)
+def sampled_count(answered: int, sampled: int, n: int, frac: float) -> int:
+    """How many of the next n prompts of a kind to answer by sampling, so that the share sampled so
+    far stays at frac (whole chunks were too coarse: 0.5 gave 72% with 1024-prompt chunks)."""
+    return min(n, max(0, round((answered + n) * frac) - sampled))
 
 
 def build_pool(target, need, seeds, args, workers, sampled_frac: float, desc: str):
     """A FeatureCache of the target's own answers to the prompts of `seeds` (greedy; a share
-    sampled_frac of the chunks of each kind sampled at T=1), or of the world's answers with --ground-truth."""
+    sampled_frac of each kind's prompts sampled at T=1), or of the world's answers with --ground-truth."""
     t0 = time.time()
     cache, coll = FeatureCache(target, need), Collate(pad_id(target))
     gen_s, eos, n_eos, n_tok, n_sampled = 0.0, target.tokenizer.eos_token_id, 0, 0, 0
-    per_kind: dict[bool, int] = {True: 0, False: 0}  # chunks so far of descriptions / short answers
+    per_kind = {True: [0, 0], False: [0, 0]}  # descriptions / short answers: prompts answered, of them sampled
     for items in chunked(item_loader(target, seeds, 64, workers, args.max_answer), args.gen_batch):
         if not args.ground_truth:
             t = time.time()
-            long = items[0]["kind"] == "describe"
-            sample = sampled_chunk(per_kind[long], sampled_frac)
-            per_kind[long] += 1
-            items = with_answers(items, target_answers(target, items, args.max_answer, sample=sample))
-            n_sampled += len(items) if sample else 0
+            seen = per_kind[items[0]["kind"] == "describe"]
+            k = sampled_count(seen[0], seen[1], len(items), sampled_frac)
+            seen[0], seen[1] = seen[0] + len(items), seen[1] + k
+            answers = target_answers(target, items[:k], args.max_answer, sample=True) if k else []
+            if k < len(items):
+                answers += target_answers(target, items[k:], args.max_answer, sample=False)
+            items = with_answers(items, answers)
+            n_sampled += k
             gen_s += time.time() - t
         n_eos += sum(1 for it in items if it["ids"][-1] == eos)
         n_tok += sum(len(it["ids"]) - it["P"] for it in items)

@@ -142,6 +142,10 @@ def test_generation_chunks_keep_descriptions_apart_and_sample_a_share():
     assert sorted(it["i"] for c in chunks for it in c) == list(range(20))
     assert all(len({it["kind"] for it in c}) == 1 and len(c) <= 4 for c in chunks)
     assert sum(len(c) < 4 for c in chunks) <= 2  # only the two remainders are short
-    assert [tf.sampled_chunk(k, 0.25) for k in range(8)] == [False, True, False, False] * 2
-    assert sum(tf.sampled_chunk(k, 0.3) for k in range(100)) == 30
-    assert not any(tf.sampled_chunk(k, 0.0) for k in range(8))
+    for frac, sizes in ((0.5, [1024, 1024, 1024, 512]), (0.25, [1024, 3]), (0.3, [7] * 13), (0.0, [5, 5]), (1.0, [4, 1])):
+        answered = sampled = 0
+        for n in sizes:
+            k = tf.sampled_count(answered, sampled, n, frac)
+            assert 0 <= k <= n
+            answered, sampled = answered + n, sampled + k
+            assert abs(sampled - frac * answered) <= 0.5  # the share holds after every chunk, not just at the end
