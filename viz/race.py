@@ -14,8 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmspec.trace import Generation
-from viz.tokens import token_html
+from mmspec.trace import Generation, StepRecord
+from viz.tokens import esc, step_fates, token_html, tooltip
 
 
 @dataclass
@@ -80,7 +80,7 @@ def speed_label(speed: float) -> str:
 # vanilla + up to 3 drafters, each measured apart, replayed together on one slowed clock.
 
 MAX_PANES = 4
-RACE_FATES = ("accepted", "correction", "bonus", "target", "end")
+RACE_FATES = ("accepted", "correction", "bonus", "target", "end", "rejected")
 END_TEXTS = frozenset({"</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"})
 
 
@@ -90,6 +90,7 @@ class RaceToken:
     fate: str  # one of RACE_FATES; "end" = the end-of-text token, drawn as a marker and never as content
     step: int
     real_s: float  # measured seconds since the run's start when its step finished
+    title: str = ""  # tooltip (numbers of the draft); empty unless a vocab was given
 
 
 @dataclass
@@ -148,23 +149,43 @@ def _fate(step, i: int) -> str:
     return step.next_kind if step.next_kind in ("bonus", "correction") else "target"
 
 
-def race_tokens(gen: Generation, eos_ids: set[int] | None = None) -> list[RaceToken]:
-    """Committed tokens with their fate, end-of-text as an "end" marker and nothing after it."""
-    last_is_eos = ends_with_eos(gen, eos_ids)
+def race_tokens(gen: Generation, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+                rejected: bool = False) -> list[RaceToken]:
+    """Committed tokens with their fate, end-of-text as an "end" marker and nothing after it.
+    With `vocab`, each token carries its tooltip; with `rejected`, thrown-away drafts come too (fate
+    "rejected", which the page hides unless asked)."""
     n_total = sum(len(s.new_tokens) for s in gen.steps)
+    last_eos = n_total - 1 if ends_with_eos(gen, eos_ids) else None
+    return steps_tokens(gen.steps, eos_ids, last_eos, vocab, rejected)
+
+
+def steps_tokens(steps: Sequence[StepRecord], eos_ids: set[int] | None, last_eos: int | None = None,
+                 vocab: dict[int, str] | None = None, rejected: bool = False) -> list[RaceToken]:
+    """Race tokens of steps (a finished run, or a run in progress); `last_eos`: the index of a
+    committed token known to be end-of-text though its id is not in `eos_ids`."""
     out: list[RaceToken] = []
-    for step in gen.steps:
+    n = 0  # committed tokens so far
+    for step in steps:
+        titled = step_fates(step, vocab) if vocab is not None else None
+        committed = [f for f in titled if f.committed] if titled is not None else None
+        if rejected and titled is not None:
+            out += [RaceToken(f.text, "rejected", step.index, step.elapsed_s, tooltip(f))
+                    for f in titled if not f.committed]
         for i, (tok, text) in enumerate(zip(step.new_tokens, step.new_texts)):
-            is_end = (eos_ids is not None and tok in eos_ids) or (last_is_eos and len(out) == n_total - 1)
-            out.append(RaceToken(text, "end" if is_end else _fate(step, i), step.index, step.elapsed_s))
+            is_end = (eos_ids is not None and tok in eos_ids) or n == last_eos
+            title = tooltip(committed[i]) if committed is not None and i < len(committed) else ""
+            out.append(RaceToken(text, "end" if is_end else _fate(step, i), step.index, step.elapsed_s,
+                                 "" if is_end else title))
+            n += 1
             if is_end:
                 return out  # an uploaded trace may carry tokens after EOS: never drawn
     return out
 
 
-def race_pane(label: str, gen: Generation, eos_ids: set[int] | None = None) -> RacePane:
+def race_pane(label: str, gen: Generation, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+              rejected: bool = False) -> RacePane:
     spec = gen.mode == "speculative"
-    return RacePane(label, race_tokens(gen, eos_ids), gen.stats.wall_s, gen.stats.tau if spec else 1.0,
+    return RacePane(label, race_tokens(gen, eos_ids, vocab, rejected), gen.stats.wall_s, gen.stats.tau if spec else 1.0,
                     str(gen.config.get("device", "?")), str(gen.config.get("dtype", "?")),
                     list(gen.stats.acceptance_by_depth) if spec else [],
                     list(gen.stats.drafted_by_depth) if spec else [])
@@ -187,13 +208,14 @@ def pane_at(pane: RacePane, real_s: float) -> PaneFrame:
 
 
 def race(runs: Sequence[tuple[str, Generation]], fps: float = 10.0, min_s: float = 8.0, max_s: float = 20.0,
-         speed: float = 1.0, eos_ids: set[int] | None = None) -> Race:
+         speed: float = 1.0, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+         rejected: bool = False) -> Race:
     """Frames of the replay of up to MAX_PANES measured runs (label, generation) on one slowed clock.
 
     Frame k is at clock k/fps; the last frame is exactly the slowest run's end, so every pane ends full."""
     if not 1 <= len(runs) <= MAX_PANES:
         raise ValueError(f"a race has 1 to {MAX_PANES} runs (vanilla + up to 3 drafters), got {len(runs)}")
-    panes = [race_pane(label, gen, eos_ids) for label, gen in runs]
+    panes = [race_pane(label, gen, eos_ids, vocab, rejected) for label, gen in runs]
     slowest = max(p.finish_s for p in panes)
     stretch = stretch_for(slowest, min_s, max_s, speed)
     duration = slowest * stretch
@@ -217,25 +239,45 @@ def clock_text(frame: Frame, stretch: float) -> str:
     return f"measured {frame.real_s:.3f} s · replay {frame.clock_s:.1f} s ({how})"
 
 
-def pane_html(pf: PaneFrame) -> str:
+def pane_html(pf: PaneFrame, stats: str = "", state: str | None = None) -> str:
     """Tokens of one pane frame as fate-classed spans; text escaped once (token_html), the end marker
-    a badge of its own. The label is escaped here."""
+    a badge of its own. The label and `state` are escaped here; `stats` is HTML made by `stats_html`."""
     spans = []
     for t in pf.tokens:
         if t.fate == "end":
             spans.append('<span class="tok tok-end" title="end of text">■ end</span>')
         else:
-            spans.append(f'<span class="tok tok-{t.fate}" data-step="{t.step}">{token_html(t.text)}</span>')
-    state = "finished" if pf.finished else "running"
-    return (f'<div class="mmspec-race-pane" data-state="{state}"><div class="mmspec-race-label">'
-            f'{html.escape(pf.label)} · {len([t for t in pf.tokens if t.fate != "end"])} tokens · '
-            f'{pf.real_s:.3f} s</div><div class="mmspec-tokens">{"".join(spans)}</div></div>')
+            title = f' title="{esc(t.title)}"' if t.title else ""
+            spans.append(f'<span class="tok tok-{t.fate}" data-step="{t.step}"{title}>{token_html(t.text)}</span>')
+    if state is None:
+        state = "finished" if pf.finished else "running"
+    n = sum(t.fate not in ("end", "rejected") for t in pf.tokens)
+    return (f'<div class="mmspec-race-pane" data-state="{esc(state)}"><div class="mmspec-race-label">'
+            f'<span class="name">{html.escape(pf.label)}</span> · {n} tokens · {pf.real_s:.3f} s · {html.escape(state)}</div>'
+            f'{stats}<div class="mmspec-tokens">{"".join(spans)}</div></div>')
+
+
+def live_frame(label: str, steps: Sequence[StepRecord], elapsed_s: float, eos_ids: set[int] | None,
+               vocab: dict[int, str] | None = None) -> PaneFrame:
+    """A run in progress (or stopped) as a pane frame: its steps so far, EOS as the end marker."""
+    toks = tuple(steps_tokens(steps, eos_ids, None, vocab, rejected=vocab is not None))
+    return PaneFrame(label, toks, elapsed_s, False, bool(toks) and toks[-1].fate == "end")
 
 
 # Styles for pane_html's own classes (the fate classes come from viz.style.CSS); append to the page CSS.
 RACE_CSS = """
 .mmspec-race-pane { display: flex; flex-direction: column; gap: 4px; }
+.mmspec-race-pane .mmspec-tokens { white-space: pre-wrap; word-break: break-word; line-height: 1.9; min-height: 5em; }
+.verdict-faster b { color: #009E73; } .verdict-slower b { color: #D55E00; }
+.mmspec-race-label .name { font-weight: 600; color: var(--body-text-color); }
 .mmspec-race-label { font-size: 13px; color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; }
 .tok-end { border: 1px solid var(--body-text-color-subdued); border-radius: 3px; padding: 0 4px; font-size: 0.8em;
   color: var(--body-text-color-subdued); margin-left: 4px; }
 """
+
+
+def plain_text(gen: Generation | None) -> str:
+    """The answer as text without its end-of-text token ('' without a run): what the text boxes show."""
+    if gen is None:
+        return ""
+    return "".join(t.text for t in race_tokens(gen) if t.fate != "end")

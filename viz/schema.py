@@ -338,7 +338,10 @@ def check_generation(g: Any, where: str, lim: TraceLimits = TraceLimits()) -> No
 
 # ---------------------------------------------------------------- a race file
 
-BUNDLE_KEYS = ("format", "version", "vanilla", "speculative", "token_texts", "image")
+BUNDLE_KEYS = ("format", "version", "vanilla", "speculative", "token_texts", "image", "rivals", "measurements",
+               "target_entropy")
+MAX_RIVALS = 2  # drafters raced beside the main one (vanilla + 3 drafters in all)
+MAX_LAYERS = 1024
 
 
 def check_token_texts(t: Any, where: str, lim: TraceLimits) -> None:
@@ -369,3 +372,12 @@ def check_bundle(d: Any, lim: TraceLimits = TraceLimits()) -> None:
         check_token_texts(d["token_texts"], "trace.token_texts", lim)
     if d.get("image") is not None:
         check_str(d["image"], "trace.image", lim.max_image_chars)
+    for i, g in enumerate(check_list(d.get("rivals") or [], "trace.rivals", MAX_RIVALS)):
+        check_generation(g, f"rivals[{i}]", lim)
+        if g["mode"] != "speculative":
+            refuse(f"rivals[{i}].mode", "a raced drafter's run must be speculative")
+    if d.get("measurements") is not None:
+        check_list(d["measurements"], "trace.measurements", 1 + 1 + MAX_RIVALS)
+        check_free(d["measurements"], "trace.measurements", lim)
+    if d.get("target_entropy") is not None:
+        check_nums(d["target_entropy"], "trace.target_entropy", MAX_LAYERS, 0.0, 1e3)
