@@ -728,24 +728,28 @@ class Handlers:
         return {**self.finished(bundle, runs, session, "trace"), **self.restored(bundle), **self.ui.out(status=status)}
 
     def restored(self, bundle: traceio.Bundle) -> dict:
-        """The settings of a trace back in the controls (a value the lists do not offer is left alone)."""
-        g, ui = bundle.main, self.ui
+        """The settings of a trace back in the controls. A trace is a visitor's file: every value is
+        clamped to its control's range, and a model the lists do not offer is left out in public mode."""
+        g, ui, cfg = bundle.main, self.ui, self.cfg
         c = g.config
-        offered = {v for _, v in self.cfg.drafters}
-        keep = (lambda v: v if (not self.cfg.public or v in offered) else gr.skip())
-        spec = str(c.get("tree", "chain:4"))
-        shape = parse_tree_spec(spec) if spec.startswith(("chain", "dynamic")) else None
         out = ui.out(image=bundle.image if bundle.image is not None else gr.skip(), prompt=g.prompt,
-                     temperature=c.get("temperature", 0.0), top_p=c.get("top_p", 1.0), seed=c.get("seed", 0),
-                     max_tokens=min(int(c.get("max_new_tokens", 64)), self.cfg.token_limit))
-        if bundle.speculative is not None:
-            out.update(ui.out(drafter=keep(str(c.get("drafter", ""))),
-                              rivals=[str(r.config.get("drafter")) for r in bundle.rivals
-                                      if not self.cfg.public or r.config.get("drafter") in offered]))
-        if shape is not None:
-            out.update(ui.out(shape="chain" if shape.kind == "chain" else "tree (dynamic)"))
-            out.update(ui.out(chain_len=shape.depth) if shape.kind == "chain" else
-                       ui.out(budget=shape.budget, depth=shape.depth, topk=shape.topk))
+                     temperature=_num(c.get("temperature"), 0.0, 2.0, 0.0), top_p=_num(c.get("top_p"), 0.05, 1.0, 1.0),
+                     seed=int(_num(c.get("seed"), 0, 2**53, 0)),
+                     max_tokens=int(_num(c.get("max_new_tokens"), 1, cfg.token_limit, 64)))
+        offered = {v for _, v in cfg.drafters}
+        names = [str(r.config.get("drafter", "")) for r in bundle.drafted]
+        names = [n for n in names if n in offered or not cfg.public]
+        if bundle.speculative is not None and names:
+            out.update(ui.out(drafter=names[0], rivals=names[1:]))
+        try:
+            shape = parse_tree_spec(str(c.get("tree", "")))
+        except (ValueError, InputError):
+            return out
+        if shape.kind == "chain":
+            out.update(ui.out(shape="chain", chain_len=min(max(shape.depth, 1), 16)))
+        elif shape.kind == "dynamic":
+            out.update(ui.out(shape="tree (dynamic)", budget=min(max(shape.budget, 1), 128),
+                              depth=min(max(shape.depth, 1), 12), topk=min(max(shape.topk, 1), 10)))
         return out
 
     def scope(self, image, prompt) -> str:
@@ -764,6 +768,15 @@ class Handlers:
         holder = getattr(self.demo, "state_holder", None)
         if holder is not None:
             holder.delete_state(session)
+
+
+def _num(value, lo: float, hi: float, default: float) -> float:
+    """A number from a trace's free-form config, clamped to a control's range (default when not a number)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return min(max(x, lo), hi) if x == x else default
 
 
 def end_device(bundle: traceio.Bundle) -> str:
