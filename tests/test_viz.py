@@ -331,3 +331,24 @@ def test_numbers_from_a_trace_are_escaped_where_drawn(runs):
     out += [str(t.hovertext) for t in fig.data] + [a.text + str(a.hovertext) for a in fig.layout.annotations]
     assert all("<img" not in o for o in out)
     assert sum("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in o for o in out) >= 3
+
+
+def test_compression_maps_say_what_was_merged_into_what():
+    """Pool: lines between the groups merged into one entry; queries (ViSpec): every token merged, said in
+    words, the target's attention as shading; the hover names each token's entry and weight."""
+    pool = {"grid": [4, 4], "status": ["merged"] * 16, "mode": "pool",
+            "groups": [(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)]}
+    fig = internals.visual_map_figure(None, pool)
+    lines = _trace(fig, "merged together")
+    assert sum(x is None for x in lines.x) == 8  # 2 inner borders × 4 cells, each one segment
+    assert "averaged into 4 entries of about 4 tokens" in fig.layout.title.text
+    assert "into entry 3 (4 tokens)" in _trace(fig, "visual tokens").customdata[3][3]
+    queries = {"grid": [2, 2], "status": ["merged"] * 4, "mode": "queries", "groups": [0] * 4,
+               "saliency": [0.1, 0.4, 0.2, 0.3]}
+    fig = internals.visual_map_figure(None, queries)
+    heat = _trace(fig, "visual tokens")
+    assert [list(r) for r in heat.z] == [pytest.approx([0.25, 1.0]), pytest.approx([0.5, 0.75])]  # attention / max
+    assert "All 4 visual tokens are compressed" in fig.layout.title.text and "&#x27;" not in fig.layout.title.text
+    assert "attention 0.4000" in heat.customdata[0][1]
+    assert "2 visual tokens the target attends to most" in internals.visual_map_summary(
+        {"grid": [2, 2], "status": ["kept", "dropped", "kept", "dropped"], "mode": "topk"})
