@@ -10,6 +10,7 @@ README screenshot:  MMSPEC_SCREENSHOT=assets/screenshot.png python -m pytest tes
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -112,12 +113,13 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
         drafter.press("Enter")
         page.locator("label:has-text('tree (dynamic)')").click()
         page.locator("#mmspec-run").click()
-        expect(page.locator("#mmspec-status")).to_contain_text("random (worst case): τ 1.00", timeout=RUN_MS)
+        random_done = re.compile(r"random \(worst case\): τ 1\.\d\d")  # a random guess is accepted now and then
+        expect(page.locator("#mmspec-status")).to_contain_text(random_done, timeout=RUN_MS)
         expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=RUN_MS)
         rejected = page.locator("#mmspec-pane-1 .tok-rejected")
         assert rejected.count() > 0
         expect(rejected.first).to_be_hidden()
-        page.locator("label:has-text('show rejected draft tokens')").click()
+        page.locator("label:has-text('show rejected drafts')").click()
         expect(rejected.first).to_be_visible()
         assert page.locator("#mmspec-pane-1 .tok-correction").count() > 0
         save_artifact(page, "browser-tiny.png", tmp_path, os.environ.get("MMSPEC_SCREENSHOT"))
