@@ -472,7 +472,7 @@ def _race_area(ui: UI) -> None:
 
 def _tabs(ui: UI, session_device: str) -> list:
     tabs = []
-    with gr.Tabs():
+    with gr.Tabs(elem_id="mmspec-tabs"):
         with gr.Tab("Race numbers") as t:
             with gr.Row():
                 ui.overlay_plot = gr.Plot(label="acceptance by depth, every drafter", elem_id="mmspec-overlay")
@@ -481,7 +481,7 @@ def _tabs(ui: UI, session_device: str) -> list:
         with gr.Tab("Step inspector") as t:
             ui.step_slider = gr.Slider(0, 1, value=0, step=1, label="step of the first drafter's run")
             ui.step_info = gr.Markdown("_No run yet._")
-            ui.tree_plot = gr.Plot(label="draft tree", elem_id="mmspec-tree")
+            ui.tree_plot = gr.Plot(label="draft tree", elem_id="mmspec-tree", show_label=False)  # its own title; sized in px
             with gr.Row():
                 ui.depth_plot = gr.Plot(label="acceptance by depth")
                 ui.hist_plot = gr.Plot(label="accepted length")
@@ -554,14 +554,17 @@ class Handlers:
         self.inspections = RateLimiter(limits.replays_per_minute * 20, limits.max_sessions)  # a slider drag sends many
         self.trace_loads = RateLimiter(limits.replays_per_minute, limits.max_sessions)
         self.files = SessionFiles(keep=1, max_sessions=limits.max_sessions)
-        self.labels = {v: label for label, v in cfg.drafters}
+        # by the name in the list and by its real path: a relative or linked path gets the same words
+        self.labels = {**{os.path.realpath(v): label for label, v in cfg.drafters if Path(v).exists()},
+                       **{v: label for label, v in cfg.drafters}}
 
     def fail(self, message: str) -> dict:
         gr.Warning(message)
         return self.ui.out(status=f"⚠ {html.escape(message)}", race_go=False)
 
     def label(self, name: str) -> str:
-        return self.labels.get(name) or _short_name(name)
+        real = os.path.realpath(name) if Path(name).exists() else name
+        return self.labels.get(name) or self.labels.get(real) or _short_name(name)
 
     # ---- measuring
     def measure(self, image, prompt, target, drafter, rivals, shape, chain_len, budget, depth, topk, temperature,
@@ -889,6 +892,7 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     except ImportError:  # pragma: no cover
         pass
 
@@ -897,17 +901,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     quiet_libraries()
-    demo = build_demo()
-    cfg = demo.mmspec_config  # type: ignore[attr-defined]
-    if not cfg.target_missing:
-        name = "the embedded model" if cfg.default_target == str(DEFAULT_TARGET) else _short_name(cfg.default_target)
-        print(f"mmspec: loading {name}…", flush=True)
+    target = os.environ.get("MMSPEC_TARGET") or str(DEFAULT_TARGET)
+    name = "the embedded model" if target == str(DEFAULT_TARGET) else _short_name(target)
+    if Path(target).exists() or not target.startswith((".", "/", "~")):
+        print(f"mmspec: loading {name}…", flush=True)  # the first line: start-up is never silent
         t0 = time.perf_counter()
         try:  # load the default target at startup (module-level cache), so the first click is quick
-            MODELS.target(cfg.default_target)
-            print(f"mmspec: {name} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+            MODELS.target(target)
+            print(f"mmspec: {name} loaded in {time.perf_counter() - t0:.1f} s; building the page…", flush=True)
         except InputError as e:
             print(f"mmspec: WARNING: cannot load the default target: {e}", flush=True)
+    demo = build_demo()
     launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
            server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))))
 

@@ -324,3 +324,20 @@ def test_trace_loading_refuses_server_paths(served, tmp_path):
             assert "not uploaded" in text or "validation error" in text or "Invalid file" in text, text[-300:]
     status = load(client, trace)[STATUS]  # uploaded: fine
     assert status.startswith("✓ Trace loaded"), status
+
+
+def test_hub_pairs_hidden_offline_and_offered_online(tiny_dir, tmp_path, monkeypatch):
+    """Public mode offers the curated hub pairs only where the hub can be reached: offline the menu
+    is hidden (one target, no hub drafters), not a list of models that fail to load."""
+    def menus():
+        demo = tiny_demo(tiny_dir, make_examples(tmp_path / "ex"), public=True)
+        target = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "mmspec-target")
+        hub = [v for label, v in demo.mmspec_config.drafters if label.endswith("(hub)")]
+        return target, hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target, hub = menus()
+    assert not target.visible and len(target.choices) == 1 and hub == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    target, hub = menus()
+    assert target.visible and len(target.choices) > 1 and "Qwen/Qwen2-0.5B-Instruct" in hub

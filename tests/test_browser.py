@@ -139,17 +139,45 @@ def test_page_runs_and_draws(tiny_dir, tmp_path, browser):
         demo.close()
 
 
+TABS = ("Race numbers", "Step inspector", "Vanilla vs speculative", "Internals", "Session runs", "Benchmarks", "Trace")
+
+
+def small_png(path: Path) -> None:
+    """128 colours: a page screenshot stays a few tens of KB (the repository must stay small)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 @pytest.mark.skipif(not (ROOT / "assets" / "models" / "mmspec-target").exists(),
                     reason="the embedded default model (assets/models/mmspec-target) is not built yet")
 def test_embedded_default_screenshot(tmp_path, browser):
+    """The README's screenshots: the embedded default with three drafters racing, then every tab.
+    MMSPEC_SCREENSHOT=assets/screenshot.png also writes assets/screenshot-<tab>.png."""
     demo = app.build_demo()  # no configuration: the embedded default, as `python app.py` starts it
     try:
         url = serve(demo)
         page = browser.new_page(viewport={"width": 1400, "height": 1100}, device_scale_factor=1)
-        run_example(page, url, timeout_ms=300_000, tree=True)
-        sync_api.expect(page.locator("#mmspec-tree .js-plotly-plot")).to_be_visible()
-        assert page.locator("#mmspec-pane-1 .tok").count() > 0
-        save_artifact(page, "screenshot-embedded.png", tmp_path, os.environ.get("MMSPEC_SCREENSHOT"), full_page=True)
+        page.goto(url, timeout=WAIT_MS)
+        page.wait_for_selector("#mmspec-run", timeout=WAIT_MS)
+        page.locator("[data-testid=dataset-cell-0-0]").first.click()
+        for choice in ("vispec", "text-only LM"):  # the default is the draft VLM
+            pick(page, "mmspec-rivals", choice)
+        page.locator("#mmspec-run").click()
+        sync_api.expect(page.locator("#mmspec-status")).to_contain_text("Done", timeout=RUN_MS)
+        sync_api.expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=RUN_MS)
+        assert page.locator("#mmspec-pane-1 .tok").count() > 0 and page.locator("#mmspec-pane-3 .tok").count() > 0
+        main = Path(os.environ.get("MMSPEC_SCREENSHOT") or tmp_path / "screenshot.png")
+        save_artifact(page, "screenshot-embedded.png", tmp_path, str(main), full_page=True)
+        small_png(main)
+        for tab in TABS:
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(800)  # plots redraw at the tab's width
+            shot = main.with_name(f"{main.stem}-{tab.split()[0].lower()}.png")
+            box = page.locator("#mmspec-tabs").bounding_box()
+            page.screenshot(path=str(shot), full_page=True, clip={**box, "height": min(box["height"], 1000)})
+            small_png(shot)
     finally:
         demo.close()
 

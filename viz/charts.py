@@ -152,7 +152,7 @@ def speedup_spread_figure(points: list[dict]) -> go.Figure:
     ))
     fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
     wheres = sorted({p["where"] for p in points})
-    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing of runs)")
+    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing)", automargin=True)
     # First method on top, with room above each point for its label (a categorical axis counts 0, 1, ...).
     fig.update_yaxes(automargin=True, range=[len(points) - 0.5, -0.8])
     return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),
