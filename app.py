@@ -519,20 +519,21 @@ def _tabs(ui: UI, session_device: str) -> list:
     return tabs
 
 
-def best_result_sets() -> list[bench.ResultSet]:
-    """Per hardware, the benchmark file with the most rows (the fullest table of that machine)."""
+def best_result_sets(session_device: str) -> list[bench.ResultSet]:
+    """Per hardware, the benchmark file with the most rows (the fullest table of that machine); the
+    hardware this session runs on first, since only its numbers apply here."""
     best: dict[str, bench.ResultSet] = {}
     for rs in bench.result_sets():
         hw = bench.hardware_name(rs.meta)
         if hw not in best or len(rs.rows) > len(best[hw].rows):
             best[hw] = rs
-    return list(best.values())
+    return sorted(best.values(), key=lambda rs: "like this session" not in bench.applies_here(rs.meta, session_device))
 
 
 def _benchmarks(session_device: str) -> None:
     gr.Markdown("Saved results of the repository's benchmarks (not of your runs): one figure per question, each "
                 "naming the hardware it was measured on and whether it applies to this session.")
-    for rs in best_result_sets():
+    for rs in best_result_sets(session_device):
         gr.Markdown(f"**Measured on {bench.hardware_name(rs.meta)}** ({rs.meta.get('dtype', '?')}, `{rs.name}.json`): "
                     f"{bench.applies_here(rs.meta, session_device)}.")
         gr.Plot(bench.tau_figure(rs.meta, rs.rows), label=f"τ on {bench.hardware_name(rs.meta)}")

@@ -175,8 +175,9 @@ def test_embedded_default_screenshot(tmp_path, browser):
             page.get_by_role("tab", name=tab).click()
             page.wait_for_timeout(800)  # plots redraw at the tab's width
             shot = main.with_name(f"{main.stem}-{tab.split()[0].lower()}.png")
-            box = page.locator("#mmspec-tabs").bounding_box()
-            page.screenshot(path=str(shot), full_page=True, clip={**box, "height": min(box["height"], 1000)})
+            box = page.evaluate("""() => { const r = document.querySelector('#mmspec-tabs').getBoundingClientRect();
+                return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: Math.min(r.height, 1000)}; }""")
+            page.screenshot(path=str(shot), full_page=True, clip=box)  # page coordinates, at most 1000 px tall
             small_png(shot)
     finally:
         demo.close()
