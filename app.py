@@ -348,8 +348,10 @@ def all_views(ui: UI, cfg: AppConfig, bundle: traceio.Bundle, runs: list[dict], 
 def session_rows(runs: list[dict], bundle: traceio.Bundle, source: str = "") -> list[dict]:
     """The session table gains one row per drafter of this bundle."""
     runs = list(runs or [])
-    for g in bundle.drafted or [None]:
-        runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, g, source=source))
+    ms = bundle.measurements
+    for i, g in enumerate(bundle.drafted or [None], 1):
+        measured = (ms[0], ms[i]) if len(ms) > i else None
+        runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, g, source, measured))
     return runs
 
 
@@ -502,7 +504,7 @@ def _tabs(ui: UI, session_device: str) -> list:
         tabs.append(t)
         with gr.Tab("Session runs") as t:
             ui.summary_df = gr.Dataframe(headers=charts.SUMMARY_HEADERS, value=[], interactive=False,
-                                         label="runs in this browser session (one timed run each)", wrap=True)
+                                         label="runs in this browser session (medians of the timed runs)", wrap=True)
             ui.summary_plot = gr.Plot(label="speed-up per run")
         tabs.append(t)
         with gr.Tab("Benchmarks", elem_id="mmspec-bench") as t:

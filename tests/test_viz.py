@@ -216,6 +216,12 @@ def test_charts(runs):
     table = charts.summary_table([row])
     assert len(table[0]) == len(charts.SUMMARY_HEADERS)
     assert len(charts.summary_figure([row]).data) == 1
+    assert row["verdict"] == "one run"  # a single timing is never given a verdict
+    van = {"tokens_per_s": {"median": 40.0}}
+    spec = {"tokens_per_s": {"median": 50.0}, "speedup": {"median": 1.25, "verdict": "within noise"}}
+    row = charts.summary_row(2, runs["vanilla"], gen, measured=(van, spec))  # the medians of repeated runs
+    assert (row["vanilla tok/s"], row["spec tok/s"], row["speed-up"], row["verdict"]) == (40.0, 50.0, 1.25,
+                                                                                          "within noise")
 
 
 # ------------------------------------------------------------------ internals (synthetic: feature drafters land later)
