@@ -43,7 +43,7 @@ from viz.style import CSS
 from webui import measure
 from webui.live import MAX_DRAFTERS, measure_live
 from webui.policy import Limits, make_policy, public_mode
-from webui.request import Rules, hash_file, inside, open_image, parse_request, read_examples
+from webui.request import Rules, hash_file, inside, open_image, parse_request, read_examples, trace_settings
 from webui.session import (ModelCache, RateLimiter, RunCache, RunRegistry, SessionFiles, release_memory,
                            remove_file)
 
@@ -275,25 +275,12 @@ def pane_stats(bundle: traceio.Bundle, primary_tau: bool) -> list[str]:
     return [numbers.stats_html(m, primary_tau) for m in bundle.measurements]
 
 
-def step_markdown(gen, index: int) -> str:
-    if gen is None or not gen.steps:
-        return "_No run yet._"
-    s = gen.steps[max(0, min(index, len(gen.steps) - 1))]
-    committed = "".join(s.new_texts)
-    nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
-    esc = tokens.esc
-    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · "
-            f"accepted **{len(s.accepted)}** · then {esc(nk)} · "
-            f"committed <code>{esc(tokens.visible_text(committed))}</code> · "
-            f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")
-
-
 def inspector_views(ui: UI, bundle: traceio.Bundle | None, index: int) -> dict:
     gen = bundle.main if bundle else None
     if gen is None:
         return ui.out(tree_plot=None, step_info="_No run yet._", vmap_plot=gr.skip())
     vm = internals.find_visual_map(gen, index)
-    return ui.out(tree_plot=tree_fig.tree_figure(gen, index, vocab_of(bundle)), step_info=step_markdown(gen, index),
+    return ui.out(tree_plot=tree_fig.tree_figure(gen, index, vocab_of(bundle)), step_info=tree_fig.step_text(gen, index),
                   vmap_plot=gr.Plot(internals.visual_map_figure(bundle.image, vm), visible=True) if vm else gr.skip())
 
 
@@ -521,21 +508,10 @@ def _tabs(ui: UI, session_device: str) -> list:
     return tabs
 
 
-def best_result_sets(session_device: str) -> list[bench.ResultSet]:
-    """Per hardware, the benchmark file with the most rows (the fullest table of that machine); the
-    hardware this session runs on first, since only its numbers apply here."""
-    best: dict[str, bench.ResultSet] = {}
-    for rs in bench.result_sets():
-        hw = bench.hardware_name(rs.meta)
-        if hw not in best or len(rs.rows) > len(best[hw].rows):
-            best[hw] = rs
-    return sorted(best.values(), key=lambda rs: "like this session" not in bench.applies_here(rs.meta, session_device))
-
-
 def _benchmarks(session_device: str) -> None:
     gr.Markdown("Saved results of the repository's benchmarks (not of your runs): one figure per question, each "
                 "naming the hardware it was measured on and whether it applies to this session.")
-    for rs in best_result_sets(session_device):
+    for rs in bench.best_result_sets(session_device):
         gr.Markdown(f"**Measured on {bench.hardware_name(rs.meta)}** ({rs.meta.get('dtype', '?')}, `{rs.name}.json`): "
                     f"{bench.applies_here(rs.meta, session_device)}.")
         gr.Plot(bench.tau_figure(rs.meta, rs.rows), label=f"τ on {bench.hardware_name(rs.meta)}")
@@ -734,29 +710,12 @@ class Handlers:
         return {**self.finished(bundle, runs, session, "trace"), **self.restored(bundle), **self.ui.out(status=status)}
 
     def restored(self, bundle: traceio.Bundle) -> dict:
-        """The settings of a trace back in the controls. A trace is a visitor's file: every value is
-        clamped to its control's range, and a model the lists do not offer is left out in public mode."""
-        g, ui, cfg = bundle.main, self.ui, self.cfg
-        c = g.config
-        out = ui.out(image=bundle.image if bundle.image is not None else gr.skip(), prompt=g.prompt,
-                     temperature=_num(c.get("temperature"), 0.0, 2.0, 0.0), top_p=_num(c.get("top_p"), 0.05, 1.0, 1.0),
-                     seed=int(_num(c.get("seed"), 0, 2**53, 0)),
-                     max_tokens=int(_num(c.get("max_new_tokens"), 1, cfg.token_limit, 64)))
-        offered = {v for _, v in cfg.drafters}
+        """The trace's image and settings back in the controls (webui.request.trace_settings checks them)."""
+        g = bundle.main
+        allowed = {v for _, v in self.cfg.drafters} if self.cfg.public else None
         names = [str(r.config.get("drafter", "")) for r in bundle.drafted]
-        names = [n for n in names if n in offered or not cfg.public]
-        if bundle.speculative is not None and names:
-            out.update(ui.out(drafter=names[0], rivals=names[1:]))
-        try:
-            shape = parse_tree_spec(str(c.get("tree", "")))
-        except (ValueError, InputError):
-            return out
-        if shape.kind == "chain":
-            out.update(ui.out(shape="chain", chain_len=min(max(shape.depth, 1), 16)))
-        elif shape.kind == "dynamic":
-            out.update(ui.out(shape="tree (dynamic)", budget=min(max(shape.budget, 1), 128),
-                              depth=min(max(shape.depth, 1), 12), topk=min(max(shape.topk, 1), 10)))
-        return out
+        settings = trace_settings(g.config, g.prompt, names, self.cfg.token_limit, allowed)
+        return self.ui.out(image=bundle.image if bundle.image is not None else gr.skip(), **settings)
 
     def scope(self, image, prompt) -> str:
         if not self.cfg.world_scope:
@@ -774,15 +733,6 @@ class Handlers:
         holder = getattr(self.demo, "state_holder", None)
         if holder is not None:
             holder.delete_state(session)
-
-
-def _num(value, lo: float, hi: float, default: float) -> float:
-    """A number from a trace's free-form config, clamped to a control's range (default when not a number)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return default
-    return min(max(x, lo), hi) if x == x else default
 
 
 def end_device(bundle: traceio.Bundle) -> str:

@@ -358,3 +358,20 @@ def test_compression_maps_say_what_was_merged_into_what():
     assert "attention 0.4000" in heat.customdata[0][1]
     assert "2 visual tokens the target attends to most" in internals.visual_map_summary(
         {"grid": [2, 2], "status": ["kept", "dropped", "kept", "dropped"], "mode": "topk"})
+
+
+def test_best_result_set_per_hardware_this_session_first(tmp_path):
+    """The Benchmarks tab: one file per machine (the fullest), the session's own hardware first."""
+    import json
+
+    from viz import bench
+
+    def write(name, meta, n):
+        rows = [{"method": "engine:vanilla", "temperature": 0.0, "tokens_per_s": 1.0}] * n
+        (tmp_path / f"speed_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+
+    write("h100", {"hardware": "NVIDIA H100 80GB HBM3", "device": "cuda"}, 3)
+    write("h100_more", {"hardware": "NVIDIA H100 80GB HBM3", "device": "cuda"}, 5)
+    write("cpu", {"hardware": "CPU x86_64", "device": "cpu"}, 2)
+    assert [r.name for r in bench.best_result_sets("cpu", tmp_path)] == ["speed_cpu", "speed_h100_more"]
+    assert [r.name for r in bench.best_result_sets("cuda", tmp_path)][0] == "speed_h100_more"

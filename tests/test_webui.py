@@ -160,3 +160,18 @@ def test_image_limits(dirs):
     with pytest.raises(InputError, match="the limit is 8 MB"):
         parse_request(rules(True, str(upload)), {"path": str(heavy), "meta": META}, "hi", "/models/target", "ngram",
                       **ARGS)
+
+
+def test_trace_settings_are_clamped_and_public_drafters_checked():
+    """A replayed trace fills the controls; its numbers are a visitor's and are clamped to each
+    control's range, a shape the controls cannot show is left out, public mode keeps listed drafters."""
+    from webui.request import trace_settings
+
+    cfg = {"tree": "dynamic:300,20,3", "temperature": "hot", "top_p": 7, "seed": -5, "max_new_tokens": 10**9}
+    out = trace_settings(cfg, "Where is the <b>?", ["/x/draft", "ngram", "evil/hub"], 64, allowed={"ngram"})
+    assert out == {"prompt": "Where is the <b>?", "temperature": 0.0, "top_p": 1.0, "seed": 0, "max_tokens": 64,
+                   "drafter": "ngram", "rivals": [], "shape": "tree (dynamic)", "budget": 128, "depth": 12, "topk": 3}
+    chain = trace_settings({"tree": "chain:4", "temperature": 0.7}, "p", ["a", "b"], 64)
+    assert (chain["shape"], chain["chain_len"], chain["drafter"], chain["rivals"], chain["temperature"]) == (
+        "chain", 4, "a", ["b"], 0.7)
+    assert "shape" not in trace_settings({"tree": "static:[[0]]"}, "p", [], 64)

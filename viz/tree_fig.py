@@ -328,3 +328,16 @@ def pick_step(gen: Generation) -> int:
         if score > best_len:
             best, best_len = s.index, score
     return best
+
+
+def step_text(gen: Generation | None, index: int) -> str:
+    """One step of a run in a line of Markdown (numbers from the trace escaped here)."""
+    if gen is None or not gen.steps:
+        return "_No run yet._"
+    s = gen.steps[max(0, min(index, len(gen.steps) - 1))]
+    committed = "".join(s.new_texts)
+    nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
+    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · "
+            f"accepted **{len(s.accepted)}** · then {esc(nk)} · "
+            f"committed <code>{esc(visible_text(committed))}</code> · "
+            f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")

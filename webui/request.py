@@ -19,6 +19,7 @@ from PIL import Image
 
 from mmspec import DecodeConfig, InputError, load_image
 from mmspec.load import MAX_IMAGE_SIDE
+from mmspec.tree import parse_tree_spec
 from webui.policy import Limits, Policy
 
 FILE_DATA = "gradio.FileData"
@@ -218,3 +219,36 @@ def parse_request(rules: Rules, image, prompt, target, drafter, shape, chain_len
     config = DecodeConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree)
     config.check()
     return RunRequest(path, img, prompt, target, drafter, tree, config, note, rival_names, repeats)
+
+
+def _num(value, lo: float, hi: float, default: float) -> float:
+    """A number from a trace's free-form config, clamped to a control's range (default when not a number)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return min(max(x, lo), hi) if x == x else default
+
+
+def trace_settings(config: dict, prompt: str, drafters: list[str], token_limit: int,
+                   allowed: Collection[str] | None = None) -> dict[str, Any]:
+    """A replayed trace's settings as the page's control values, by control name. A trace is a visitor's
+    file: every number is clamped to its control's range, a shape the controls cannot show is left out,
+    and with `allowed` (public mode) so is a drafter not in the list."""
+    out: dict[str, Any] = {
+        "prompt": prompt, "temperature": _num(config.get("temperature"), 0.0, 2.0, 0.0),
+        "top_p": _num(config.get("top_p"), 0.05, 1.0, 1.0), "seed": int(_num(config.get("seed"), 0, 2**53, 0)),
+        "max_tokens": int(_num(config.get("max_new_tokens"), 1, token_limit, min(64, token_limit)))}
+    names = [n for n in drafters if allowed is None or n in allowed]
+    if names:
+        out.update(drafter=names[0], rivals=names[1:])
+    try:
+        shape = parse_tree_spec(str(config.get("tree", "")))
+    except (ValueError, InputError):
+        return out
+    if shape.kind == "chain":
+        out.update(shape="chain", chain_len=min(max(shape.depth, 1), 16))
+    elif shape.kind == "dynamic":
+        out.update(shape="tree (dynamic)", budget=min(max(shape.budget, 1), 128), depth=min(max(shape.depth, 1), 12),
+                   topk=min(max(shape.topk, 1), 10))
+    return out
