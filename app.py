@@ -320,8 +320,8 @@ def all_views(ui: UI, cfg: AppConfig, bundle: traceio.Bundle, runs: list[dict], 
     return {
         **pane_updates(ui, start, state="ready"),
         **numbers_views(ui, bundle),
-        **internals_views(ui, bundle),
         **inspector_views(ui, bundle, index),
+        **internals_views(ui, bundle),  # after the inspector: it says whether this run has a visual map at all
         **ui.out(
             legend=tokens.legend_html(tokens.fate_counts(spec) if spec else None),
             clock=clock_note("Every run measured: the race starts.", "ready"),

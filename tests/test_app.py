@@ -164,20 +164,24 @@ def test_three_drafters_race_fills_progressively(served):
         assert html_.count("tok-end") <= 1 and "&lt;/s&gt;" not in html_ and "</s>" not in html_
 
 
-def test_stop_mid_run_keeps_tokens_and_says_so(served, monkeypatch):
+def test_stop_mid_run_keeps_tokens_and_says_so(served, monkeypatch, tmp_path):
     """Stop ends the run after its current step: status 'Stopped after N tokens', the panes keep what was
-    produced, none still says measuring. The decode is slowed (in this process) so Stop lands mid-run."""
+    produced, none still says measuring. Each step is slowed (in this process) so that Stop lands mid-run
+    even if the tiny model ends its answer early; the picture is not an example, so nothing is replayed
+    from the example cache."""
     import webui.live
 
     class Slow(webui.live.Decoder):
         def __iter__(self):
             for s in super().__iter__():
-                time.sleep(0.05)
+                time.sleep(0.2)
                 yield s
 
     monkeypatch.setattr(webui.live, "Decoder", Slow)
-    client, tiny, examples = served
-    job = client.submit(handle_file(str(examples / "noise.png")), PROMPT, str(tiny / "llava"), "ngram", [], "chain", 4,
+    client, tiny, _ = served
+    picture = tmp_path / "fresh.png"
+    tiny_models.image(9, size=64).save(picture)
+    job = client.submit(handle_file(str(picture)), PROMPT, str(tiny / "llava"), "ngram", [], "chain", 4,
                         12, 4, 3, 0.0, 1.0, 5, 64, 3, api_name="/run")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(Named(u, "run")[STATUS].startswith("Measuring")

@@ -329,7 +329,7 @@ def test_stage_race_stop_scope_and_replay(tiny_dir, tmp_path, browser, monkeypat
         class Slow(webui.live.Decoder):
             def __iter__(self):
                 for s in super().__iter__():
-                    page_pause(0.05)
+                    page_pause(0.1)
                     yield s
 
         monkeypatch.setattr(webui.live, "Decoder", Slow)

@@ -56,7 +56,8 @@ def entropy_figure(info: dict[str, Any] | None) -> go.Figure:
     """Attention entropy per layer as a line, the drafter's chosen layers starred and marked."""
     profile = (info or {}).get("entropy_profile")
     if not profile:
-        return empty_figure("This drafter reports no per-layer attention entropy.")
+        return empty_figure("No per-layer attention entropy for this run (a trace without it, or a target "
+                            "whose attention the engine does not recompute).")
     chosen = [int(c) for c in (info or {}).get("chosen_layers") or [] if 0 <= int(c) < len(profile)]
     layers = list(range(len(profile)))
     fig = go.Figure(go.Scatter(
