@@ -18,7 +18,6 @@ name, in order, for clients and tests.
 """
 from __future__ import annotations
 
-import functools
 import html
 import logging
 import os
@@ -37,13 +36,14 @@ from mmspec import InputError
 from mmspec.defaults import default_method
 from mmspec.load import ASSETS, DEFAULT_TARGET
 from mmspec.tree import TreeSpec, parse_tree_spec
-from viz import bench, card, charts, internals, numbers, race, tokens, traceio, tree_fig
+from viz import bench, card, charts, numbers, race, tokens, traceio
 from viz.race import RACE_CSS
 from viz.style import CSS
-from webui import measure
+from webui import measure, views
 from webui.live import MAX_DRAFTERS, measure_live
+from webui.views import short_name
 from webui.policy import Limits, make_policy, public_mode
-from webui.request import Rules, hash_file, inside, open_image, parse_request, read_examples, trace_settings
+from webui.request import Rules, hash_file, inside, parse_request, read_examples, trace_settings
 from webui.session import (ModelCache, RateLimiter, RunCache, RunRegistry, SessionFiles, release_memory,
                            remove_file)
 
@@ -191,18 +191,18 @@ def make_config(default_target=None, drafters=None, default_drafter=None, exampl
     limits = Limits.public(min(token_limit, 256)) if public else Limits(max_new_tokens=token_limit)
     policy = make_policy(public, str(target), values)
     if public:  # the curated hub drafters join the list (offline: only those on disk, the menu is not broken)
-        dlist += [(f"{_short_name(d)} (hub)", d) for d in policy.drafters() if d not in values and reachable(d)]
+        dlist += [(f"{short_name(d)} (hub)", d) for d in policy.drafters() if d not in values and reachable(d)]
     limits = Limits(**{**vars(limits), "queue_size": int(os.environ.get("MMSPEC_QUEUE_SIZE", limits.queue_size))})
     rules = Rules(limits, policy, get_upload_folder(), frozenset(os.path.realpath(p) for p, _ in examples))
     return AppConfig(str(target), missing, dlist, dd, examples, hashes, limits.max_new_tokens, public, rules,
                      float(race_min_s), float(race_max_s), float(fps), float(live_every_s), bool(cache_examples),
-                     parse_tree_spec(default_tree), target == str(DEFAULT_TARGET) if world_scope is None else world_scope)
+                     parse_tree_spec(default_tree),
+                     target == str(DEFAULT_TARGET) if world_scope is None else world_scope)
 
 
 # ---------------------------------------------------------------------------- outputs, declared once
 
-PANES = 1 + MAX_DRAFTERS  # vanilla + up to 3 drafters
-RACE_OUT = ["clock", *(f"pane{i}" for i in range(PANES))]
+RACE_OUT = ["clock", *(f"pane{i}" for i in range(views.PANES))]
 VIEW_OUT = ["legend", "numbers", "overlay_plot", "spread_plot", "measurements", "step_slider", "tree_plot",
             "step_info", "depth_plot", "hist_plot", "diff_box", "van_text", "spec_text", "entropy_plot", "layer_note",
             "card_box", "accept_box", "vmap_plot", "summary_df", "summary_plot", "trace_file"]
@@ -219,6 +219,12 @@ def api_outputs(event: str) -> list[str]:
     return [n for n in OUTPUTS[event] if n not in STATES]
 
 
+def _gradio(value):
+    if isinstance(value, views.Update):
+        return gr.update(**value.props) if value.props else gr.skip()
+    return value
+
+
 class UI:
     """Handles on the components, filled by build_demo; `out(name=value, ...)` is an update dict."""
 
@@ -226,120 +232,11 @@ class UI:
         raise AttributeError(name)
 
     def out(self, **values) -> dict:
-        return {getattr(self, k): v for k, v in values.items()}
+        """Values by output name as Gradio wants them (a webui.views.Update as a component update)."""
+        return {getattr(self, k): _gradio(v) for k, v in values.items()}
 
     def comps(self, names: list[str]) -> list:
         return [getattr(self, n) for n in names]
-
-
-def _short_name(name: str) -> str:
-    name = str(name or "?")
-    return name.rstrip("/").split("/")[-1] if name.startswith(("/", ".", "~")) else name
-
-
-def clock_note(text: str, state: str = "idle") -> str:
-    return f'<div class="mmspec-clock" data-state="{state}">{html.escape(text)}</div>'
-
-
-def vocab_of(bundle: traceio.Bundle) -> dict[int, str]:
-    return tokens.token_vocab(bundle.vanilla, *bundle.drafted, extra=bundle.token_texts)
-
-
-def run_labels(bundle: traceio.Bundle) -> list[str]:
-    """Pane labels: the measured labels when the bundle has them, else the drafters' names."""
-    gens = [bundle.vanilla, *bundle.drafted]
-    found = [m.get("label") for m in bundle.measurements]
-    if len(found) == len(gens) and all(isinstance(x, str) for x in found):
-        return found
-    return ["vanilla" if g is bundle.vanilla else _short_name(g.config.get("drafter", "?")) for g in gens]
-
-
-def race_of(bundle: traceio.Bundle, cfg: AppConfig, speed: float = 1.0) -> race.Race:
-    runs = [(label, g) for label, g in zip(run_labels(bundle), [bundle.vanilla, *bundle.drafted]) if g is not None]
-    return race.race(runs, cfg.fps, cfg.race_min_s, cfg.race_max_s, speed, vocab=vocab_of(bundle), rejected=True)
-
-
-def pane_updates(ui: UI, frame: race.Frame, stats: list[str] | None = None, state: str | None = None) -> dict:
-    """Every pane of a race frame; the panes the race does not use are hidden."""
-    out = {}
-    for i in range(PANES):
-        if i < len(frame.panes):
-            extra = stats[i] if stats and i < len(stats) else ""
-            out[getattr(ui, f"pane{i}")] = gr.HTML(race.pane_html(frame.panes[i], extra, state), visible=True)
-        else:
-            out[getattr(ui, f"pane{i}")] = gr.HTML("", visible=False)
-    return out
-
-
-def pane_stats(bundle: traceio.Bundle, primary_tau: bool) -> list[str]:
-    return [numbers.stats_html(m, primary_tau) for m in bundle.measurements]
-
-
-def inspector_views(ui: UI, bundle: traceio.Bundle | None, index: int) -> dict:
-    gen = bundle.main if bundle else None
-    if gen is None:
-        return ui.out(tree_plot=None, step_info="_No run yet._", vmap_plot=gr.skip())
-    vm = internals.find_visual_map(gen, index)
-    return ui.out(tree_plot=tree_fig.tree_figure(gen, index, vocab_of(bundle)), step_info=tree_fig.step_text(gen, index),
-                  vmap_plot=gr.Plot(internals.visual_map_figure(bundle.image, vm), visible=True) if vm else gr.skip())
-
-
-def internals_views(ui: UI, bundle: traceio.Bundle) -> dict:
-    """The target's attention entropy (any run), the main drafter's card, acceptance for every drafter."""
-    spec = bundle.speculative
-    info = (spec.drafter_info or {}) if spec else {}
-    profile = bundle.target_entropy or info.get("entropy_profile")
-    chosen = card.chosen_for(profile, info)[0] if profile else []
-    index = tree_fig.pick_step(bundle.main)
-    vm = internals.find_visual_map(spec, index) if spec else None
-    accept = "".join(f"<h4>{html.escape(label)}</h4>{card.acceptance_html(g)}"
-                     for label, g in zip(run_labels(bundle)[1:], bundle.drafted))
-    return ui.out(
-        entropy_plot=internals.entropy_figure({"entropy_profile": profile, "chosen_layers": chosen}),
-        layer_note=card.layer_choice_html(profile, info if spec else None),
-        card_box=card.card_html(info) if spec else card.card_html(None),
-        accept_box=accept or card.acceptance_html(None),
-        vmap_plot=gr.Plot(internals.visual_map_figure(bundle.image, vm) if vm else None, visible=vm is not None))
-
-
-def numbers_views(ui: UI, bundle: traceio.Bundle) -> dict:
-    ms = bundle.measurements
-    overlay = {label: (g.stats.acceptance_by_depth, g.stats.drafted_by_depth)
-               for label, g in zip(run_labels(bundle)[1:], bundle.drafted)}
-    return ui.out(numbers=numbers.table_html(ms), measurements=ms,
-                  overlay_plot=charts.acceptance_overlay_figure(overlay),
-                  spread_plot=charts.speedup_spread_figure(numbers.points(ms)))
-
-
-def all_views(ui: UI, cfg: AppConfig, bundle: traceio.Bundle, runs: list[dict], trace_path: str | None) -> dict:
-    """Every view rebuilt from a bundle (after a run, or from an uploaded trace); the panes at the race's
-    start, which the race then fills."""
-    van, spec, gen = bundle.vanilla, bundle.speculative, bundle.main
-    index = tree_fig.pick_step(gen)
-    start = race_of(bundle, cfg).frames[0]
-    return {
-        **pane_updates(ui, start, state="ready"),
-        **numbers_views(ui, bundle),
-        **inspector_views(ui, bundle, index),
-        **internals_views(ui, bundle),  # after the inspector: it says whether this run has a visual map at all
-        **ui.out(
-            legend=tokens.legend_html(tokens.fate_counts(spec) if spec else None),
-            clock=clock_note("Every run measured: the race starts.", "ready"),
-            step_slider=gr.Slider(minimum=0, maximum=max(1, len(gen.steps) - 1), value=index, step=1),
-            depth_plot=charts.acceptance_by_depth_figure(spec), hist_plot=charts.accepted_length_figure(spec),
-            diff_box=tokens.diff_html(van, spec), van_text=race.plain_text(van), spec_text=race.plain_text(spec),
-            summary_df=charts.summary_table(runs), summary_plot=charts.summary_figure(runs), trace_file=trace_path),
-    }
-
-
-def session_rows(runs: list[dict], bundle: traceio.Bundle, source: str = "") -> list[dict]:
-    """The session table gains one row per drafter of this bundle."""
-    runs = list(runs or [])
-    ms = bundle.measurements
-    for i, g in enumerate(bundle.drafted or [None], 1):
-        measured = (ms[0], ms[i]) if len(ms) > i else None
-        runs.append(charts.summary_row(len(runs) + 1, bundle.vanilla, g, source, measured))
-    return runs
 
 
 def save_bundle(bundle: traceio.Bundle, files: SessionFiles | None = None, session: str = "default") -> str:
@@ -347,29 +244,6 @@ def save_bundle(bundle: traceio.Bundle, files: SessionFiles | None = None, sessi
     name = f"mmspec-trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}.json"
     path = traceio.save(bundle, TRACE_DIR / name)
     return str(files.add(session, path) if files is not None else path)
-
-
-@functools.lru_cache(maxsize=64)
-def _image_stats(path: str, mtime: float) -> dict:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return card.image_stats_of(im)
-
-
-def scope_html(prompt: str, image_path: str | None, limits: Limits) -> str:
-    """A warning when the question or picture lies outside the embedded target's world; '' inside."""
-    stats = None
-    if image_path:
-        try:
-            open_image(image_path, limits)  # the same size limits as a run, before decoding pixels
-            stats = _image_stats(image_path, os.path.getmtime(image_path))
-        except (InputError, OSError):
-            stats = None
-    scope = card.world_scope(str(prompt or ""), stats)
-    if scope.inside:
-        return ""
-    return f'<div class="mmspec-banner mmspec-scope">⚠ {html.escape(scope.reason)}</div>'
 
 
 def _session(request: gr.Request | None) -> str:
@@ -404,7 +278,7 @@ def _inputs(ui: UI, cfg: AppConfig, default_max_new_tokens: int) -> None:
 
 
 def _model_controls(ui: UI, cfg: AppConfig) -> None:
-    target_choices = [(f"{_short_name(cfg.default_target)} (default)", cfg.default_target)]
+    target_choices = [(f"{short_name(cfg.default_target)} (default)", cfg.default_target)]
     if cfg.public:  # hub targets only where the hub is reachable: offline the menu is hidden, not broken
         target_choices += [(f"{t} (hub)", t) for t in cfg.rules.policy.targets
                            if t != cfg.default_target and reachable(t)]
@@ -443,13 +317,13 @@ def _shape_controls(ui: UI, cfg: AppConfig, default_max_new_tokens: int) -> None
 
 
 def _race_area(ui: UI) -> None:
-    ui.clock = gr.HTML(clock_note("The race starts once every run is measured."), elem_id="mmspec-clock")
+    ui.clock = gr.HTML(views.clock_note("The race starts once every run is measured."), elem_id="mmspec-clock")
     with gr.Row():
         ui.speed = gr.Radio(SPEEDS, value=1.0, label="race speed", elem_id="mmspec-speed", scale=3)
         ui.replay_btn = gr.Button("Replay race", size="sm", scale=1, elem_id="mmspec-replay")
         ui.show_rejected = gr.Checkbox(False, label="show rejected drafts (struck through)", scale=2)
     with gr.Row(equal_height=False, elem_id="mmspec-race"):
-        for i in range(PANES):
+        for i in range(views.PANES):
             setattr(ui, f"pane{i}", gr.HTML("", elem_id=f"mmspec-pane-{i}", visible=i < 2, min_height=120))
     ui.legend = gr.HTML(tokens.legend_html(), elem_id="mmspec-legend")
     ui.numbers = gr.HTML(numbers.table_html([]), elem_id="mmspec-numbers")
@@ -470,7 +344,8 @@ def _tabs(ui: UI, session_device: str) -> list:
         with gr.Tab("Step inspector") as t:
             ui.step_slider = gr.Slider(0, 1, value=0, step=1, label="step of the first drafter's run")
             ui.step_info = gr.Markdown("_No run yet._")
-            ui.tree_plot = gr.Plot(label="draft tree", elem_id="mmspec-tree", show_label=False)  # its own title; sized in px
+            # no label: the figure has its own title and is laid out in pixels (a label adds a top margin)
+            ui.tree_plot = gr.Plot(label="draft tree", elem_id="mmspec-tree", show_label=False)
             with gr.Row():
                 ui.depth_plot = gr.Plot(label="acceptance by depth")
                 ui.hist_plot = gr.Plot(label="accepted length")
@@ -527,6 +402,7 @@ class Handlers:
 
     def __init__(self, ui: UI, cfg: AppConfig, demo: gr.Blocks):
         self.ui, self.cfg, self.demo = ui, cfg, demo
+        self.pace = views.Pace(cfg.fps, cfg.race_min_s, cfg.race_max_s)
         limits = cfg.rules.limits
         # Cheap events, per session: one at a time and a few a minute, so one visitor cannot crowd others out.
         self.replays = RateLimiter(limits.replays_per_minute, limits.max_sessions)
@@ -543,7 +419,7 @@ class Handlers:
 
     def label(self, name: str) -> str:
         real = os.path.realpath(name) if Path(name).exists() else name
-        return self.labels.get(name) or self.labels.get(real) or _short_name(name)
+        return self.labels.get(name) or self.labels.get(real) or short_name(name)
 
     # ---- measuring
     def measure(self, image, prompt, target, drafter, rivals, shape, chain_len, budget, depth, topk, temperature,
@@ -561,7 +437,7 @@ class Handlers:
     def measure_in(self, session, req, stop, runs):
         ui, cfg = self.ui, self.cfg
         note = f" ({req.note})" if req.note else ""
-        scope = scope_html(req.prompt, req.image_path, cfg.rules.limits) if cfg.world_scope else ""
+        scope = views.scope_html(req.prompt, req.image_path, cfg.rules.limits) if cfg.world_scope else ""
         key = req.cache_key() if cfg.cache_examples else None  # only the examples' runs are stored
         stored = RUN_CACHE.get(key)
         if stored is not None:
@@ -570,8 +446,8 @@ class Handlers:
                        "measure anew).")}
             return
         labels = ["vanilla", *(self.label(d) for d in req.drafters)]
-        yield {**ui.out(status=f"Loading {html.escape(_short_name(req.target))}…{note}", scope=scope, race_go=False,
-                        clock=clock_note("Measuring… the race plays once every run is measured.", "measuring")),
+        yield {**ui.out(status=f"Loading {html.escape(short_name(req.target))}…{note}", scope=scope, race_go=False,
+                        clock=views.clock_note("Measuring… the race plays once every run is measured.", "measuring")),
                **self.waiting_panes(labels)}
         shown: dict[int, Any] = {}  # pane -> the last Live shown in it
         try:
@@ -581,16 +457,17 @@ class Handlers:
                 elif event[0] == "live":
                     yield self.live_update(event[1], shown, note)
                 elif event[0] == "stopped":
-                    yield self.stopped(event[1], shown)
+                    yield self.stopped(event[1], shown, labels)
                     return
                 else:
                     result = event[1]
         except InputError as e:
-            yield {**self.fail(str(e)), **self.settle(shown, "not measured")}
+            yield {**self.fail(str(e)), **self.settle(shown, "not measured", labels)}
             return
         except Exception as e:  # noqa: BLE001 - keep the app alive, say what happened
             log.error("run failed: %s", traceback.format_exc())
-            yield {**self.fail(f"Unexpected error: {type(e).__name__}: {e}"), **self.settle(shown, "not measured")}
+            yield {**self.fail(f"Unexpected error: {type(e).__name__}: {e}"),
+                   **self.settle(shown, "not measured", labels)}
             return
         if key is not None and key[0] in cfg.example_hashes:
             RUN_CACHE.put(key, result.bundle)
@@ -598,7 +475,7 @@ class Handlers:
 
     def waiting_panes(self, labels: list[str]) -> dict:
         frame = race.Frame(0.0, 0.0, tuple(race.PaneFrame(label, (), 0.0, False, False) for label in labels))
-        return pane_updates(self.ui, frame, state="waiting")
+        return self.ui.out(**views.panes(frame, state="waiting"))
 
     def live_update(self, live, shown: dict, note: str) -> dict:
         shown[live.method] = live
@@ -609,22 +486,31 @@ class Handlers:
         return {**self.ui.out(status=status),
                 pane: gr.HTML(race.pane_html(frame, state=f"measuring ({live.what})…"), visible=True)}
 
-    def settle(self, shown: dict, state: str) -> dict:
-        """Every pane that showed a run in progress keeps its tokens, with a final state (no stale 'measuring…')."""
-        return {getattr(self.ui, f"pane{i}"): gr.HTML(race.pane_html(
-            race.live_frame(live.label, live.steps, live.elapsed_s, live.eos_ids), state=state), visible=True)
-            for i, live in shown.items()}
+    def settle(self, shown: dict, state: str, labels: list[str]) -> dict:
+        """Every pane gets a final state (no stale 'measuring…' or 'waiting'); a pane that showed a run
+        in progress keeps its tokens, one never reached says it was not measured."""
+        out = {}
+        for i, label in enumerate(labels):
+            live = shown.get(i)
+            frame = (race.live_frame(live.label, live.steps, live.elapsed_s, live.eos_ids) if live is not None
+                     else race.PaneFrame(label, (), 0.0, False, False))
+            out[getattr(self.ui, f"pane{i}")] = gr.HTML(race.pane_html(frame, state=state if live else "not measured"),
+                                                        visible=True)
+        return out
 
-    def stopped(self, live, shown: dict) -> dict:
+    def stopped(self, live, shown: dict, labels: list[str]) -> dict:
         n = live.tokens if live is not None else 0
+        if live is not None:
+            shown[live.method] = live  # its last step came after the last snapshot the page saw
         where = f" ({html.escape(live.label)}, {live.what})" if live is not None else ""
-        return {**self.settle(shown, "stopped"), **self.ui.out(
-            status=f"Stopped after {n} tokens{where}: nothing is compared, as not every run was measured.",
-            clock=clock_note("Stopped: no race (not every run was measured).", "stopped"), race_go=False)}
+        return {**self.settle(shown, "stopped", labels), **self.ui.out(
+            status=f"Stopped after {n} token{'' if n == 1 else 's'}{where}: nothing is compared, as not every run "
+                   "was measured.",
+            clock=views.clock_note("Stopped: no race (not every run was measured).", "stopped"), race_go=False)}
 
     def finished(self, bundle: traceio.Bundle, runs, session: str, source: str = "") -> dict:
-        runs = session_rows(runs, bundle, source)
-        return {**all_views(self.ui, self.cfg, bundle, runs, save_bundle(bundle, self.files, session)),
+        runs = views.session_rows(runs, bundle, source)
+        return {**self.ui.out(**views.everything(bundle, self.pace, runs, save_bundle(bundle, self.files, session))),
                 **self.ui.out(bundle_state=bundle, race_go=True, runs_state=runs)}
 
     def done_status(self, bundle: traceio.Bundle, note: str) -> str:
@@ -655,7 +541,7 @@ class Handlers:
             speed = min(max(float(speed), 0.25), 8.0)
         except (TypeError, ValueError):
             speed = 1.0
-        r = race_of(bundle, self.cfg, speed)
+        r = views.race_of(bundle, self.pace, speed)
         start, last = time.perf_counter(), None
         for frame in r.frames:
             wait = start + frame.clock_s - time.perf_counter()
@@ -664,13 +550,14 @@ class Handlers:
             if stop.is_set():
                 break
             counts = tuple(len(p.tokens) for p in frame.panes)
-            clock = clock_note("Race · " + race.clock_text(frame, r.stretch) + " · racing…", "racing")
-            yield {**(pane_updates(self.ui, frame) if counts != last else {}), **self.ui.out(clock=clock)}
+            clock = views.clock_note("Race · " + race.clock_text(frame, r.stretch) + " · racing…", "racing")
+            yield self.ui.out(**(views.panes(frame) if counts != last else {}), clock=clock)
             last = counts
         end = r.frames[-1]
         how = "race stopped; every run shown in full" if stop.is_set() else "race finished"
-        yield {**pane_updates(self.ui, end, pane_stats(bundle, not str(end_device(bundle)).startswith("cuda"))),
-               **self.ui.out(clock=clock_note(f"Race · {race.clock_text(end, r.stretch)} · {how}", "finished"))}
+        stats = views.pane_stats(bundle, not end_device(bundle).startswith("cuda"))  # τ first on the CPU
+        yield self.ui.out(**views.panes(end, stats),
+                          clock=views.clock_note(f"Race · {race.clock_text(end, r.stretch)} · {how}", "finished"))
 
     # ---- inspector, traces, stop, session end
     def inspect(self, bundle, index, request: gr.Request = None):
@@ -681,7 +568,7 @@ class Handlers:
         with self.inspections.slot(_session(request)) as ok:
             if not ok:
                 return {c: gr.skip() for c in self.ui.comps(OUTPUTS["inspect_step"])}
-            return inspector_views(self.ui, bundle, index)
+            return self.ui.out(**views.inspector(bundle, index))
 
     def load_trace(self, path, runs, request: gr.Request = None):
         session = _session(request)
@@ -703,8 +590,9 @@ class Handlers:
             release_memory()
             remove_file(path)
         g = bundle.main
-        what = f"{len(bundle.drafted)} drafter(s) and vanilla" if bundle.vanilla and bundle.drafted else f"a {g.mode} run"
-        status = (f"✓ Trace loaded: {what} on {tokens.esc(_short_name(g.config.get('target', '?')))}, "
+        both = bundle.vanilla and bundle.drafted
+        what = f"{len(bundle.drafted)} drafter(s) and vanilla" if both else f"a {g.mode} run"
+        status = (f"✓ Trace loaded: {what} on {tokens.esc(short_name(g.config.get('target', '?')))}, "
                   f"{g.stats.new_tokens} tokens; its image, prompt and settings are restored; replaying it "
                   "(no model used).")
         return {**self.finished(bundle, runs, session, "trace"), **self.restored(bundle), **self.ui.out(status=status)}
@@ -715,13 +603,13 @@ class Handlers:
         allowed = {v for _, v in self.cfg.drafters} if self.cfg.public else None
         names = [str(r.config.get("drafter", "")) for r in bundle.drafted]
         settings = trace_settings(g.config, g.prompt, names, self.cfg.token_limit, allowed)
-        return self.ui.out(image=bundle.image if bundle.image is not None else gr.skip(), **settings)
+        return self.ui.out(image=bundle.image if bundle.image is not None else views.SKIP, **settings)
 
     def scope(self, image, prompt) -> str:
         if not self.cfg.world_scope:
             return ""
         path = image if isinstance(image, str) and inside(image, self.cfg.rules.upload_dir) else None
-        return scope_html(prompt, path, self.cfg.rules.limits)
+        return views.scope_html(prompt, path, self.cfg.rules.limits)
 
     def end_session(self, request: gr.Request):
         """The tab closed: stop its run, remove its trace files and its state, forget its counters."""
@@ -788,8 +676,11 @@ def build_demo(default_target: str | None = None, drafters: list | None = None, 
 
 def _wire(ui: UI, cfg: AppConfig, demo: gr.Blocks, tabs: list) -> None:
     h = Handlers(ui, cfg, demo)
-    ui.shape.change(lambda s: (gr.Row(visible=str(s).startswith("chain")), gr.Row(visible=not str(s).startswith("chain"))),
-                    ui.shape, [ui.chain_row, ui.tree_row], queue=False, api_visibility="private")
+    def show_shape(shape):
+        chain = str(shape).startswith("chain")
+        return gr.Row(visible=chain), gr.Row(visible=not chain)
+
+    ui.shape.change(show_shape, ui.shape, [ui.chain_row, ui.tree_row], queue=False, api_visibility="private")
     run_inputs = ui.comps(["image", "prompt", "target", "drafter", "rivals", "shape", "chain_len", "budget", "depth",
                            "topk", "temperature", "top_p", "seed", "max_tokens", "repeats", "runs_state"])
     race_outputs = ui.comps(RACE_OUT)
@@ -855,7 +746,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     quiet_libraries()
     target = os.environ.get("MMSPEC_TARGET") or str(DEFAULT_TARGET)
-    name = "the embedded model" if target == str(DEFAULT_TARGET) else _short_name(target)
+    name = "the embedded model" if target == str(DEFAULT_TARGET) else short_name(target)
     if Path(target).exists() or not target.startswith((".", "/", "~")):
         print(f"mmspec: loading {name}…", flush=True)  # the first line: start-up is never silent
         t0 = time.perf_counter()

@@ -292,9 +292,8 @@ def test_stage_race_stop_scope_and_replay(tiny_dir, tmp_path, browser, monkeypat
     import webui.live
 
     expect = sync_api.expect
-    demo = tiny_demo(tiny_dir, make_examples(tmp_path / "examples"), world_scope=True)
-    demo_cfg = demo.mmspec_config
-    demo_cfg.race_min_s, demo_cfg.race_max_s = 4.0, 6.0  # long enough to watch the panes fill
+    # a race of 4-6 s: long enough to watch the panes fill
+    demo = tiny_demo(tiny_dir, make_examples(tmp_path / "examples"), world_scope=True, race_min_s=4.0, race_max_s=6.0)
     try:
         url = serve(demo)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -342,7 +341,7 @@ def test_stage_race_stop_scope_and_replay(tiny_dir, tmp_path, browser, monkeypat
         page.wait_for_timeout(800)
         assert page.evaluate(ERRORS_JS) == []
         race_text = page.locator("#mmspec-race").inner_text()
-        assert "measuring" not in race_text and "stopped" in race_text
+        assert "measuring" not in race_text and "waiting" not in race_text and "stopped" in race_text
         assert page.locator("#mmspec-pane-0 .tok").count() > 0  # what was produced stays
         monkeypatch.undo()
 

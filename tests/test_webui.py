@@ -175,3 +175,25 @@ def test_trace_settings_are_clamped_and_public_drafters_checked():
     assert (chain["shape"], chain["chain_len"], chain["drafter"], chain["rivals"], chain["temperature"]) == (
         "chain", 4, "a", ["b"], 0.7)
     assert "shape" not in trace_settings({"tree": "static:[[0]]"}, "p", [], 64)
+
+
+def test_views_fill_every_declared_output_by_name(tiny_dir):
+    """webui.views builds the page's values without Gradio: after a run every race and view output the
+    app declares gets a value (no output left stale), unused race panes are hidden, and a run without a
+    visual map hides that plot rather than keeping the previous one."""
+    import app
+    import crafted
+    from viz import traceio
+    from webui import views
+
+    data = crafted.real_race(tiny_dir)
+    bundle = traceio.unpack(data)
+    out = views.everything(bundle, views.Pace(fps=4, min_s=1, max_s=2), [], "trace.json")
+    assert set(out) == set(app.RACE_OUT) | set(app.VIEW_OUT)
+    assert [out[f"pane{i}"].props["visible"] for i in range(4)] == [True, True, False, False]
+    assert out["vmap_plot"].props["visible"] is True  # the crafted run has a visual map
+    for step in data["speculative"]["steps"]:
+        step["extras"] = {}
+    plain = views.everything(traceio.unpack(data), views.Pace(fps=4, min_s=1, max_s=2), [], None)
+    assert plain["vmap_plot"].props == {"value": None, "visible": False}
+    assert views.SKIP.props == {} and views.short_name("/srv/models/draft-vlm") == "draft-vlm"

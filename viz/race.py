@@ -253,7 +253,8 @@ def pane_html(pf: PaneFrame, stats: str = "", state: str | None = None) -> str:
         state = "finished" if pf.finished else "running"
     n = sum(t.fate not in ("end", "rejected") for t in pf.tokens)
     return (f'<div class="mmspec-race-pane" data-state="{esc(state)}"><div class="mmspec-race-label">'
-            f'<span class="name">{html.escape(pf.label)}</span> · {n} tokens · {pf.real_s:.3f} s · {html.escape(state)}</div>'
+            f'<span class="name">{html.escape(pf.label)}</span> · {n} tokens · {pf.real_s:.3f} s · '
+            f'{html.escape(state)}</div>'
             f'{stats}<div class="mmspec-tokens">{"".join(spans)}</div></div>')
 
 
