@@ -197,3 +197,24 @@ def test_views_fill_every_declared_output_by_name(tiny_dir):
     plain = views.everything(traceio.unpack(data), views.Pace(fps=4, min_s=1, max_s=2), [], None)
     assert plain["vmap_plot"].props == {"value": None, "visible": False}
     assert views.SKIP.props == {} and views.short_name("/srv/models/draft-vlm") == "draft-vlm"
+
+
+def test_rivals_and_repeats_are_checked_before_any_work(dirs):
+    """Up to 2 more drafters (duplicates and the main one dropped, vanilla refused, the public list
+    enforced for each) and 3-10 timed runs; all refused before the image is opened."""
+    upload, _ = dirs
+    img = {"path": str(upload / "img.png"), "meta": META}
+    public, open_rules = rules(True, str(upload)), rules(False, str(upload))
+    cases = [(open_rules, ["a", "b", "c"], 3, "at most 3 drafters"), (open_rules, ["vanilla"], 3, "baseline"),
+             (open_rules, ["random"], 2, "between 3 and 10"), (open_rules, [3], 3, "list of names"),
+             (open_rules, [], "many", "whole number"), (public, ["someone/draft"], 3, "public app runs only")]
+    for r, rivals, repeats, message in cases:
+        with pytest.raises(InputError, match=message):
+            parse_request(r, img, "hi", "/models/target", "ngram", **ARGS, rivals=rivals, repeats=repeats)
+    # accepted settings go on to open the image (a fake one here)
+    with pytest.raises(InputError, match="not a readable image"):
+        parse_request(public, img, "hi", "/models/target", "ngram", **ARGS, rivals=["random", "ngram", "random"],
+                      repeats=5)
+    from webui.request import rivals_of
+
+    assert rivals_of("ngram", ["random", " ngram", "random", ""], "4") == (("random",), 4)

@@ -180,6 +180,8 @@ def rivals_of(drafter: str, rivals, repeats, max_rivals: int = 2) -> tuple[tuple
     if not isinstance(rivals, (list, tuple)) or not all(isinstance(r, str) for r in rivals):
         raise InputError("The drafters to race must be a list of names.")
     out = tuple(dict.fromkeys(r.strip() for r in rivals if r.strip() and r.strip() != drafter))
+    if any(r in ("vanilla", "none") for r in out):
+        raise InputError("Vanilla decoding is always measured as the baseline: race drafters against it.")
     if len(out) > max_rivals:
         raise InputError(f"Race at most {max_rivals + 1} drafters at once (vanilla is always the baseline).")
     try:
