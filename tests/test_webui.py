@@ -218,3 +218,23 @@ def test_rivals_and_repeats_are_checked_before_any_work(dirs):
     from webui.request import rivals_of
 
     assert rivals_of("ngram", ["random", " ngram", "random", ""], "4") == (("random",), 4)
+
+
+def test_scope_warning_for_questions_and_photos(tmp_path):
+    """The out-of-world warning: a question the synthetic world never asks, a photo-like picture; a
+    question of the world about a rendered scene gets none."""
+    from PIL import Image
+
+    import tiny_models
+    from mmspec.world import sample_example
+    from webui import views
+
+    photo = tmp_path / "photo.png"
+    tiny_models.image(1, size=224).save(photo)  # noise: thousands of colours
+    scene = tmp_path / "scene.png"
+    sample_example(3)[0].save(scene)
+    assert "capital" in views.scope_html("What is the capital of France?", None, Limits())
+    assert "distinct colours" in views.scope_html("How many red circles are there?", str(photo), Limits())
+    assert views.scope_html("How many red circles are there?", str(scene), Limits()) == ""
+    Image.new("RGB", (4000, 4000)).save(big := tmp_path / "big.png")
+    assert views.scope_html("Describe the image.", str(big), Limits(max_image_pixels=1000)) == ""  # not opened

@@ -159,11 +159,9 @@ def session_rows(runs: list[dict], bundle: traceio.Bundle, source: str = "") -> 
 
 
 @functools.lru_cache(maxsize=64)
-def _image_stats(path: str, mtime: float) -> dict:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return card.image_stats_of(im)
+def _image_stats(path: str, mtime: float, limits: Limits) -> dict:
+    img, _ = open_image(path, limits)  # the run's own size limits, checked before the pixels are decoded
+    return card.image_stats_of(img)
 
 
 def scope_html(prompt: str, image_path: str | None, limits: Limits) -> str:
@@ -171,10 +169,9 @@ def scope_html(prompt: str, image_path: str | None, limits: Limits) -> str:
     stats = None
     if image_path:
         try:
-            open_image(image_path, limits)  # the same size limits as a run, before decoding pixels
-            stats = _image_stats(image_path, os.path.getmtime(image_path))
+            stats = _image_stats(image_path, os.path.getmtime(image_path), limits)
         except (InputError, OSError):
-            stats = None
+            stats = None  # an unreadable picture is the run's to refuse; the question is still checked
     scope = card.world_scope(str(prompt or ""), stats)
     if scope.inside:
         return ""
