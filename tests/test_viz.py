@@ -238,7 +238,7 @@ def test_entropy_figure():
     chosen = _trace(fig, "chosen layers")
     assert list(chosen.x) == [1, 4]
     assert "chosen: 1, 4" in fig.layout.title.text
-    assert "no per-layer" in internals.entropy_figure({}).layout.annotations[0].text
+    assert "no per-layer" in internals.entropy_figure({}).layout.annotations[0].text.lower()
 
 
 def test_visual_map_figure():
