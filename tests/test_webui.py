@@ -238,3 +238,15 @@ def test_scope_warning_for_questions_and_photos(tmp_path):
     assert views.scope_html("How many red circles are there?", str(scene), Limits()) == ""
     Image.new("RGB", (4000, 4000)).save(big := tmp_path / "big.png")
     assert views.scope_html("Describe the image.", str(big), Limits(max_image_pixels=1000)) == ""  # not opened
+
+
+def test_stop_reaches_every_run_of_the_session():
+    """A replay started while a measurement runs (same session) must not hide the measurement from Stop."""
+    runs = RunRegistry()
+    with runs.running("s") as measuring:
+        with runs.running("s") as replaying:
+            assert len(runs) == 1 and runs.event("s") is replaying
+        assert runs.event("s") is measuring  # the replay ended: the measurement is still registered
+        with runs.running("other") as elsewhere:
+            assert runs.stop("s") and measuring.is_set() and not elsewhere.is_set()
+    assert len(runs) == 0 and not runs.stop("s")

@@ -126,36 +126,41 @@ class ModelCache:
 
 
 class RunRegistry:
-    """Stop flags of the runs in progress, by session. A stop for a session with no run is a no-op,
-    so invented session ids add nothing."""
+    """Stop flags of the runs in progress (a measurement, a race replay), by session: Stop sets every
+    flag of its session, so a replay started during a measurement does not hide the measurement from
+    Stop. A stop for a session with no run is a no-op, so invented session ids add nothing."""
 
     def __init__(self):
-        self.events: dict[str, threading.Event] = {}
+        self.events: dict[str, list[threading.Event]] = {}
         self.lock = threading.Lock()
 
     @contextmanager
     def running(self, session: str) -> Iterator[threading.Event]:
         event = threading.Event()
         with self.lock:
-            self.events[session] = event
+            self.events.setdefault(session, []).append(event)
         try:
             yield event
         finally:
             with self.lock:
-                if self.events.get(session) is event:
-                    del self.events[session]
+                left = [e for e in self.events.get(session, []) if e is not event]
+                if left:
+                    self.events[session] = left
+                else:
+                    self.events.pop(session, None)
 
     def event(self, session: str) -> threading.Event:
-        """The flag of the session's run (a fresh unset one, not stored, when it has none)."""
+        """The flag of the session's latest run (a fresh unset one, not stored, when it has none)."""
         with self.lock:
-            return self.events.get(session) or threading.Event()
+            found = self.events.get(session)
+            return found[-1] if found else threading.Event()
 
     def stop(self, session: str) -> bool:
         with self.lock:
-            event = self.events.get(session)
-        if event is not None:
+            found = list(self.events.get(session, []))
+        for event in found:
             event.set()
-        return event is not None
+        return bool(found)
 
     def __len__(self) -> int:
         return len(self.events)
