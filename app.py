@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 import tempfile
 import time
@@ -538,9 +539,10 @@ class Handlers:
 
     def race_frames(self, bundle: traceio.Bundle, speed, stop):
         try:
-            speed = min(max(float(speed), 0.25), 8.0)
-        except (TypeError, ValueError):
+            speed = float(speed)
+        except (TypeError, ValueError, OverflowError):
             speed = 1.0
+        speed = min(max(speed, 0.25), 8.0) if math.isfinite(speed) else 1.0  # an API caller may send anything
         r = views.race_of(bundle, self.pace, speed)
         start, last = time.perf_counter(), None
         for frame in r.frames:
