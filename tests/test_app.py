@@ -107,6 +107,8 @@ def test_run_streams_both_outputs_and_the_trace(served):
     assert data["vanilla"]["token_ids"] == data["speculative"]["token_ids"]
     assert data["speculative"]["config"]["tree"] == "dynamic:12,4,3"
     assert [m["label"] for m in data["measurements"]] == ["vanilla", "tiny target as its own draft"]
+    layers = json.loads((tiny / "llava" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert len(data["target_entropy"]) == layers  # the target's attention per layer, whatever the drafter
 
     # the race replays the median runs: the panes end full, vanilla's tokens all the target's own
     final = Named(list(client.submit(1.0, api_name="/replay_race"))[-1], "replay_race")
