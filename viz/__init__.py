@@ -12,7 +12,7 @@ Nothing here loads a model or knows about Gradio; `app.py` wires these to the pa
 - traceio:   trace files with every raced run (export / offline replay)
 """
 from viz.charts import acceptance_by_depth_figure, accepted_length_figure, summary_figure, summary_row, summary_table
-from viz.internals import entropy_figure, info_markdown, internals_note, visual_map_figure
+from viz.internals import entropy_figure, visual_map_figure
 from viz.style import CSS
 from viz.tokens import diff_html, fates, legend_html, step_spans, tokens_html
 from viz.traceio import Bundle
@@ -20,6 +20,6 @@ from viz.tree_fig import pick_step, tree_figure
 
 __all__ = [
     "CSS", "Bundle", "acceptance_by_depth_figure", "accepted_length_figure", "diff_html", "entropy_figure", "fates",
-    "info_markdown", "internals_note", "legend_html", "pick_step", "step_spans", "summary_figure", "summary_row",
+    "legend_html", "pick_step", "step_spans", "summary_figure", "summary_row",
     "summary_table", "tokens_html", "tree_figure", "visual_map_figure",
 ]

@@ -1,4 +1,4 @@
-"""Drafter internals, when a drafter exposes them.
+"""Internals as figures: the attention entropy per target layer and visual-token compression maps.
 
 - `Generation.drafter_info["entropy_profile"]`: attention entropy per target layer, and
   `["chosen_layers"]`: the layers whose features the drafter reads -> `entropy_figure`.
@@ -6,12 +6,10 @@
   "groups": [entry of each token], "saliency": [the target's attention per token], "mode": ...}`
   (row-major, one entry per visual token; groups / saliency optional) -> `visual_map_figure`, over the
   image when we have it, with `visual_map_summary` saying in words what was merged into what.
-- anything else in drafter_info (e.g. "compression": {...}) -> `info_markdown`.
 """
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
 import numpy as np
@@ -22,7 +20,6 @@ from mmspec.trace import Generation
 from viz.style import FONT_COLOUR, ORANGE, SKY, empty_figure, style_figure
 
 VISUAL_STATUSES = ("kept", "merged", "dropped")
-_SHOWN_ELSEWHERE = {"entropy_profile", "chosen_layers"}
 
 
 def find_visual_map(gen: Generation | None, step_index: int | None = None) -> dict[str, Any] | None:
@@ -38,18 +35,6 @@ def find_visual_map(gen: Generation | None, step_index: int | None = None) -> di
         if s.extras and s.extras.get("visual_map"):
             return s.extras["visual_map"]
     return None
-
-
-def has_internals(gen: Generation | None) -> bool:
-    if gen is None:
-        return False
-    info = gen.drafter_info or {}
-    return bool(info.get("entropy_profile")) or find_visual_map(gen) is not None or bool(extra_info(info))
-
-
-def extra_info(info: dict[str, Any]) -> dict[str, Any]:
-    """drafter_info keys beyond the basics (name/kind) that are not drawn as figures."""
-    return {k: v for k, v in (info or {}).items() if k not in _SHOWN_ELSEWHERE | {"name", "kind"}}
 
 
 def entropy_figure(info: dict[str, Any] | None) -> go.Figure:
@@ -213,34 +198,3 @@ def visual_map_figure(image: Image.Image | None, vm: dict[str, Any] | None) -> g
     title = (f"Visual tokens ({mode}{rows}×{cols}): {counts['kept']} kept · {counts['merged']} merged · "
              f"{counts['dropped']} dropped of {rows * cols}<br><sup>{html.escape(visual_map_summary(vm), quote=False)}</sup>")
     return style_figure(fig, title=title, height=int(min(640, 170 + 480 * h / max(w, 1))))
-
-
-def info_markdown(info: dict[str, Any] | None) -> str:
-    """Markdown table of the drafter's static info (figures aside)."""
-    info = info or {}
-    if not info:
-        return "_No drafter info (vanilla run)._"
-    lines = ["| key | value |", "|---|---|"]
-    for k, v in info.items():
-        if k in _SHOWN_ELSEWHERE:
-            v = f"{len(v)} layers" if k == "entropy_profile" and isinstance(v, list) else v
-        if isinstance(v, (dict, list)):
-            v = json.dumps(v)
-        v = str(v)
-        if len(v) > 200:
-            v = v[:199] + "…"
-        lines.append(f"| {html.escape(str(k))} | {html.escape(v).replace('|', '&#124;')} |")
-    return "\n".join(lines)
-
-
-def internals_note(gen: Generation | None) -> str:
-    if gen is None:
-        return "Run something (or load a trace) to see the drafter's internals."
-    name = gen.config.get("drafter", "?")
-    if gen.mode != "speculative":
-        return "Vanilla decoding has no drafter."
-    if not (gen.drafter_info or {}).get("entropy_profile") and find_visual_map(gen) is None:
-        return (f"The drafter **{html.escape(str(name))}** exposes no internals to draw. Feature-level drafters show "
-                "per-layer attention entropy with their chosen layers and a map of kept / merged / dropped visual tokens.")
-    return f"Internals of **{html.escape(str(name))}**."
-

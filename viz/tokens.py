@@ -243,29 +243,6 @@ def legend_html(counts: dict[str, int] | None = None) -> str:
     return '<div class="mmspec-legend">' + "".join(items) + "</div>"
 
 
-def header_html(title: str, subtitle: str = "", tokens: int | None = None, elapsed_s: float | None = None,
-                tokens_per_s: float | None = None, tau: float | None = None, speedup: float | None = None,
-                state: str = "") -> str:
-    """One line of live numbers above a pane."""
-    parts = [f'<span class="title">{html.escape(title)}</span>']
-    if subtitle:
-        parts.append(f'<span class="sub">{html.escape(subtitle)}</span>')
-    if tokens is not None:
-        parts.append(f'<span class="stat"><b>{esc(tokens)}</b> tokens</span>')
-    if elapsed_s is not None:
-        parts.append(f'<span class="stat"><b>{elapsed_s:.2f}</b> s</span>')
-    if tokens_per_s is not None:
-        parts.append(f'<span class="stat"><b>{tokens_per_s:.1f}</b> tok/s</span>')
-    if tau is not None:
-        parts.append(f'<span class="stat" title="tokens per target forward">τ <b>{tau:.2f}</b></span>')
-    if speedup is not None:
-        parts.append(f'<span class="stat" title="tokens/s over vanilla tokens/s">speed-up <b>{speedup:.2f}×</b></span>')
-    if state:
-        cls = "done" if state.startswith("✓") else "sub"
-        parts.append(f'<span class="{cls}">{html.escape(state)}</span>')
-    return '<div class="mmspec-header">' + "".join(parts) + "</div>"
-
-
 # ---------------------------------------------------------------- diff
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
