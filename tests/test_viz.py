@@ -356,3 +356,14 @@ def test_best_result_set_per_hardware_this_session_first(tmp_path):
     write("cpu", {"hardware": "CPU x86_64", "device": "cpu"}, 2)
     assert [r.name for r in bench.best_result_sets("cpu", tmp_path)] == ["speed_cpu", "speed_h100_more"]
     assert [r.name for r in bench.best_result_sets("cuda", tmp_path)][0] == "speed_h100_more"
+
+
+def test_diff_shows_the_end_of_text_as_a_marker(runs):
+    """A divergence near the end: the end-of-text token is an end marker in both sides, never its text."""
+    van, spec = copy.deepcopy(runs["vanilla"]), copy.deepcopy(runs["self"])
+    for g in (van, spec):
+        next(s for s in reversed(g.steps) if s.new_tokens).new_texts[-1] = "</s>"
+    spec.token_ids[-2] += 1  # the runs differ just before the end
+    out = tokens.diff_html(van, spec)
+    assert f"differs at token {len(spec.token_ids) - 2}" in out
+    assert "&lt;/s&gt;" not in out and "</s>" not in out and out.count('class="tok tok-end"') == 2

@@ -250,3 +250,18 @@ def test_stop_reaches_every_run_of_the_session():
         with runs.running("other") as elsewhere:
             assert runs.stop("s") and measuring.is_set() and not elsewhere.is_set()
     assert len(runs) == 0 and not runs.stop("s")
+
+
+def test_legend_counts_leave_the_end_of_text_out(tiny_dir):
+    """The legend's counts are of content: an end-of-text token is drawn as a marker and counted nowhere."""
+    import crafted
+    from viz import race, traceio
+    from webui import views
+
+    bundle = traceio.unpack(crafted.real_race(tiny_dir))
+    spec = bundle.speculative
+    next(s for s in reversed(spec.steps) if s.new_tokens).new_texts[-1] = "</s>"  # the answer ends on EOS
+    assert race.ends_with_eos(spec, None)
+    counts = views.fate_counts(spec, views.vocab_of(bundle))
+    committed = sum(counts[f] for f in ("accepted", "correction", "bonus", "target"))
+    assert committed == len(spec.token_ids) - 1

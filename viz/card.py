@@ -26,7 +26,7 @@ from mmspec.entropy import choose_layers
 from mmspec.trace import Generation
 from mmspec.world import TEXT_ONLY_BANK, VISUAL_WORDS
 from viz.bench import drafter_label
-from viz.race import ends_with_eos
+from viz.tokens import ends_with_eos
 
 KIND_PROSE = {
     "model": "a small language model run as a draft: it reads the same prompt and guesses the next tokens",

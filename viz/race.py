@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mmspec.trace import Generation, StepRecord
-from viz.tokens import esc, step_fates, token_html, tooltip
+from viz.tokens import ends_with_eos, esc, step_fates, token_html, tooltip
 
 
 # ---------------------------------------------------------------- the race of up to four runs
@@ -23,7 +23,6 @@ from viz.tokens import esc, step_fates, token_html, tooltip
 
 MAX_PANES = 4
 RACE_FATES = ("accepted", "correction", "bonus", "target", "end", "rejected")
-END_TEXTS = frozenset({"</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"})
 
 
 @dataclass(frozen=True)
@@ -69,18 +68,6 @@ class Race:
     frames: list[Frame]
     stretch: float  # slowed-clock seconds per measured second (> 1: slow motion)
     duration_s: float  # replay length on the slowed clock
-
-
-def ends_with_eos(gen: Generation, eos_ids: set[int] | None) -> bool:
-    """Whether the run's last token is end-of-text. The engine stops only at EOS or max_new_tokens,
-    so a run shorter than its limit ended on EOS; at the limit, the token's id or text decides."""
-    if not gen.token_ids:
-        return False
-    if eos_ids is not None:
-        return gen.token_ids[-1] in eos_ids
-    limit = gen.config.get("max_new_tokens")
-    last_text = next((s.new_texts[-1] for s in reversed(gen.steps) if s.new_texts), "")
-    return (isinstance(limit, int) and len(gen.token_ids) < limit) or last_text.strip() in END_TEXTS
 
 
 def _fate(step, i: int) -> str:

@@ -127,6 +127,15 @@ def numbers_area(bundle: traceio.Bundle) -> dict[str, Any]:
                 spread_plot=charts.speedup_spread_figure(numbers.points(ms)))
 
 
+def fate_counts(gen, vocab: dict[int, str]) -> dict[str, int]:
+    """Tokens of each fate in a run as the race draws them: the end of text is a marker, not counted."""
+    counts = dict.fromkeys(tokens.FATES, 0)
+    for t in race.race_tokens(gen, None, vocab, rejected=True):
+        if t.fate in counts:
+            counts[t.fate] += 1
+    return counts
+
+
 def everything(bundle: traceio.Bundle, pace: Pace, runs: list[dict], trace_path: str | None) -> dict[str, Any]:
     """Every view rebuilt from a bundle (after a run, or from an uploaded trace); the panes at the race's
     start, which the race then fills."""
@@ -139,7 +148,7 @@ def everything(bundle: traceio.Bundle, pace: Pace, runs: list[dict], trace_path:
         **inspector(bundle, index),
         **internals_tab(bundle),  # after the inspector: it says whether this run has a visual map at all
         **dict(
-            legend=tokens.legend_html(tokens.fate_counts(spec) if spec else None),
+            legend=tokens.legend_html(fate_counts(spec, vocab_of(bundle)) if spec else None),
             clock=clock_note("Every run measured: the race starts.", "ready"),
             step_slider=update(minimum=0, maximum=max(1, len(gen.steps) - 1), value=index, step=1),
             depth_plot=charts.acceptance_by_depth_figure(spec), hist_plot=charts.accepted_length_figure(spec),
