@@ -367,3 +367,11 @@ def test_diff_shows_the_end_of_text_as_a_marker(runs):
     out = tokens.diff_html(van, spec)
     assert f"differs at token {len(spec.token_ids) - 2}" in out
     assert "&lt;/s&gt;" not in out and "</s>" not in out and out.count('class="tok tok-end"') == 2
+
+
+def test_step_line_marks_the_end_of_text(runs):
+    gen = copy.deepcopy(runs["self"])
+    last = max(i for i, s in enumerate(gen.steps) if s.new_tokens)
+    gen.steps[last].new_texts[-1] = "</s>"
+    line = tree_fig.step_text(gen, last)
+    assert "■ end" in line and "&lt;/s&gt;" not in line and "</s>" not in line
