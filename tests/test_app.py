@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def tiny_demo(tiny_dir: Path, examples: Path, **kw):
         drafters=[("tiny target as its own draft", str(tiny_dir / "llava")),
                   ("tiny draft VLM", str(tiny_dir / "llava-draft")),
                   ("tiny text-only LM", str(tiny_dir / "text-draft"))],
-        examples_dir=examples, max_new_tokens_limit=64, race_min_s=0.5, race_max_s=2.0, fps=10, **kw)
+        examples_dir=examples, max_new_tokens_limit=64, **{"race_min_s": 0.5, "race_max_s": 2.0, "fps": 10, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,33 @@ def served(tiny_dir, tmp_path_factory):
     demo.close()
 
 
+class Named(list):
+    """An event's outputs, by position or by the name app.OUTPUTS gives it (updates unwrapped to values)."""
+
+    def __init__(self, values, event: str):
+        super().__init__(values)
+        self.names = app.api_outputs(event)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            value = super().__getitem__(self.names.index(key))
+            return value.get("value") if isinstance(value, dict) and value.get("__type__") == "update" else value
+        return super().__getitem__(key)
+
+
 def run(client, image, prompt=PROMPT, target=None, drafter=None, shape="chain", chain=4, budget=12, depth=4, topk=3,
-        temperature=0.0, top_p=1.0, seed=0, max_tokens=24):
-    job = client.submit(image, prompt, target, drafter, shape, chain, budget, depth, topk, temperature, top_p, seed,
-                        max_tokens, api_name="/run")
-    updates = list(job)  # streamed outputs
-    return updates, job.result()
+        temperature=0.0, top_p=1.0, seed=0, max_tokens=24, rivals=(), repeats=3):
+    job = client.submit(image, prompt, target, drafter, list(rivals), shape, chain, budget, depth, topk, temperature,
+                        top_p, seed, max_tokens, repeats, api_name="/run")
+    updates = [Named(u, "run") for u in job]  # streamed outputs
+    return updates, Named(job.result(), "run")
 
 
-# output positions of /run (see app.run_outputs; gr.State outputs are not part of the API)
-STATUS, VAN_HEAD, SPEC_HEAD, VAN_PANE, SPEC_PANE = 0, 1, 2, 3, 4
-VAN_TEXT, SPEC_TEXT, TRACE = 13, 14, 21
+def load(client, path) -> Named:
+    return Named(client.predict(handle_file(str(path)), api_name="/load_trace"), "load_trace")
+
+
+STATUS, TRACE = "status", "trace_file"
 
 
 def test_api_names(served):
@@ -82,20 +99,110 @@ def test_run_streams_both_outputs_and_the_trace(served):
     assert len(updates) >= 2  # loading / measuring... then the final views
     assert res[STATUS].startswith("✓ Done"), res[STATUS]
     assert "identical" in res[STATUS]
-    assert res[VAN_TEXT] and res[VAN_TEXT] == res[SPEC_TEXT]  # lossless at temperature 0
-    assert 'class="tok tok-accepted"' in res[SPEC_PANE] and 'class="tok tok-target"' in res[VAN_PANE]
-    assert "τ" in res[SPEC_HEAD] and "speed-up" in res[SPEC_HEAD]
+    assert res["van_text"] and res["van_text"] == res["spec_text"]  # lossless at temperature 0
+    assert "</s>" not in res["van_text"]  # the end of text is a marker in the panes, not content
     data = json.loads(Path(res[TRACE]).read_text())
     assert data["format"] == "mmspec-race"
     assert data["vanilla"]["mode"] == "vanilla" and data["speculative"]["mode"] == "speculative"
     assert data["vanilla"]["token_ids"] == data["speculative"]["token_ids"]
     assert data["speculative"]["config"]["tree"] == "dynamic:12,4,3"
+    assert [m["label"] for m in data["measurements"]] == ["vanilla", "tiny target as its own draft"]
+    layers = json.loads((tiny / "llava" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert len(data["target_entropy"]) == layers  # the target's attention per layer, whatever the drafter
+
+    # the race replays the median runs: the panes end full, vanilla's tokens all the target's own
+    final = Named(list(client.submit(1.0, api_name="/replay_race"))[-1], "replay_race")
+    assert 'class="tok tok-accepted"' in final["pane1"] and 'class="tok tok-target"' in final["pane0"]
+    assert "race finished" in final["clock"] and "τ" in final["pane1"] and "speed-up" in final["pane1"]
 
     # the trace replays offline through the upload endpoint, and the inspector works on it
-    status = client.predict(handle_file(res[TRACE]), api_name="/load_trace")[STATUS]
+    status = load(client, res[TRACE])[STATUS]
     assert status.startswith("✓ Trace loaded"), status
     tree, info, _vmap = client.predict(2, api_name="/inspect_step")
     assert tree is not None and "**Step 2**" in info
+
+
+def test_repeated_measurements_with_spreads_and_honest_verdicts(served):
+    """Every timing is a median of >= 3 timed runs with its spread, on a named device and dtype; the
+    random drafter (tau 1.00) is called faster only if its whole range beat vanilla's, never on a median."""
+    client, tiny, examples = served
+    _, res = run(client, handle_file(str(examples / "noise.png")), target=str(tiny / "llava"), drafter="random",
+                 rivals=["ngram"], max_tokens=16, repeats=5)
+    assert res[STATUS].startswith("✓ Done"), res[STATUS]
+    ms = res["measurements"]
+    assert [m["label"] for m in ms] == ["vanilla", "random (worst case)", "n-gram (prompt lookup)"]
+    for m in ms:
+        for key in ("tokens_per_s", "wall_s"):
+            spread = m[key]
+            assert spread["n"] == 5 and spread["min"] <= spread["p10"] <= spread["median"] <= spread["p90"] <= spread["max"]
+        assert m["device"] == "cpu" and m["dtype"] and m["same_tokens_every_run"] is True
+        assert m["accepted_per_step"] == pytest.approx(m["tau"] - 1)
+    van, rnd = ms[0]["tokens_per_s"], ms[1]
+    assert rnd["tau"] == pytest.approx(1.0) and "speedup" not in ms[0]
+    sp = rnd["speedup"]
+    assert sp["min"] <= sp["median"] <= sp["max"]
+    faster_beyond_spread = rnd["tokens_per_s"]["min"] > van["max"]
+    assert (sp["verdict"] == "faster") == faster_beyond_spread
+    if not faster_beyond_spread:
+        assert "random (worst case): τ 1.00" in res[STATUS] and "faster" not in res[STATUS].split(";")[0]
+    assert "median" in res["numbers"] and "cpu, float32" in res["numbers"]
+
+
+def test_three_drafters_race_fills_progressively(served):
+    client, tiny, examples = served
+    _, res = run(client, handle_file(str(examples / "noise.png")), target=str(tiny / "llava"),
+                 drafter=str(tiny / "llava-draft"), rivals=[str(tiny / "llava"), "ngram"], max_tokens=20)
+    assert res[STATUS].startswith("✓ Done"), res[STATUS]
+    assert len(res["measurements"]) == 4
+    frames = [Named(u, "replay_race") for u in client.submit(2.0, api_name="/replay_race")]
+    counts = [[f[f"pane{i}"].count('class="tok ') if isinstance(f[f"pane{i}"], str) else None for i in range(4)]
+              for f in frames]
+    shown = [c for c in counts if None not in c]
+    assert len(shown) >= 3, counts  # several snapshots, each pane growing, all four panes racing
+    assert all(a <= b for x, y in zip(shown, shown[1:]) for a, b in zip(x, y))
+    assert sum(shown[0]) < sum(shown[-1])
+    for i in range(4):
+        html_ = frames[-1][f"pane{i}"]
+        assert html_.count("tok-end") <= 1 and "&lt;/s&gt;" not in html_ and "</s>" not in html_
+
+
+def test_stop_mid_run_keeps_tokens_and_says_so(served, monkeypatch, tmp_path):
+    """Stop ends the run after its current step: status 'Stopped after N tokens', the panes keep what was
+    produced, none still says measuring. Each step is slowed (in this process) so that Stop lands mid-run
+    even if the tiny model ends its answer early; the picture is not an example, so nothing is replayed
+    from the example cache."""
+    import webui.live
+
+    class Slow(webui.live.Decoder):
+        def __iter__(self):
+            for s in super().__iter__():
+                time.sleep(0.2)
+                yield s
+
+    monkeypatch.setattr(webui.live, "Decoder", Slow)
+    client, tiny, _ = served
+    picture = tmp_path / "fresh.png"
+    tiny_models.image(9, size=64).save(picture)
+    job = client.submit(handle_file(str(picture)), PROMPT, str(tiny / "llava"), "ngram", [], "chain", 4,
+                        12, 4, 3, 0.0, 1.0, 5, 64, 3, api_name="/run")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(Named(u, "run")[STATUS].startswith("Measuring")
+                                                  for u in job.outputs()):
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    res = Named(job.result(), "run")
+    assert res[STATUS].startswith("Stopped after ") and " token" in res[STATUS], res[STATUS]
+    n = int(res[STATUS].split()[2])
+    last = {}  # each pane's latest content
+    for u in job.outputs():
+        for i in range(4):
+            value = Named(u, "run")[f"pane{i}"]
+            if isinstance(value, str) and value:
+                last[i] = value
+    assert all("measuring" not in p and "waiting" not in p for p in last.values()), last  # no stale state
+    assert 'data-state="stopped"' in last[0]
+    assert n in [p.count('class="tok ') for p in last.values()]  # what the stopped run produced is still there
+    assert "⚠" not in res[STATUS] and "rror" not in res[STATUS]
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "random", "text-draft", "llava-draft"])
@@ -105,7 +212,7 @@ def test_every_drafter_kind_runs(served, drafter):
     _, res = run(client, handle_file(str(examples / "noise.png")), target=str(tiny / "llava"), drafter=name,
                  max_tokens=12)
     assert res[STATUS].startswith("✓ Done"), res[STATUS]
-    assert res[VAN_TEXT] == res[SPEC_TEXT]
+    assert res["van_text"] == res["spec_text"]
 
 
 def test_sampling_run(served):
@@ -156,7 +263,7 @@ def test_bad_trace_upload(served, tmp_path):
     client, _, _ = served
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
-    status = client.predict(handle_file(str(bad)), api_name="/load_trace")[STATUS]
+    status = load(client, bad)[STATUS]
     assert status.startswith("⚠") and "not an mmspec trace" in status
 
 
@@ -201,7 +308,7 @@ def server_files(tmp_path: Path) -> list[str]:
 def test_run_refuses_server_paths(served, tmp_path):
     """An image is read only if it came through Gradio's upload (or is a shipped example of this app)."""
     client, tiny, examples = served
-    settings = [PROMPT, str(tiny / "llava"), "ngram", "chain", 2, 8, 2, 2, 0.0, 1.0, 0, 2]
+    settings = [PROMPT, str(tiny / "llava"), "ngram", [], "chain", 2, 8, 2, 2, 0.0, 1.0, 0, 2, 3]
     for path in server_files(tmp_path):
         for payload in (path, {"path": path}, {"path": path, "meta": FILE_META}):
             text = raw_call(client.src, "run", [payload] + settings + [[]])
@@ -226,5 +333,22 @@ def test_trace_loading_refuses_server_paths(served, tmp_path):
             text = raw_call(client.src, "load_trace", [payload, []])
             assert "Trace loaded" not in text, (payload, text[-300:])
             assert "not uploaded" in text or "validation error" in text or "Invalid file" in text, text[-300:]
-    status = client.predict(handle_file(str(trace)), api_name="/load_trace")[STATUS]  # uploaded: fine
+    status = load(client, trace)[STATUS]  # uploaded: fine
     assert status.startswith("✓ Trace loaded"), status
+
+
+def test_hub_pairs_hidden_offline_and_offered_online(tiny_dir, tmp_path, monkeypatch):
+    """Public mode offers the curated hub pairs only where the hub can be reached: offline the menu
+    is hidden (one target, no hub drafters), not a list of models that fail to load."""
+    def menus():
+        demo = tiny_demo(tiny_dir, make_examples(tmp_path / "ex"), public=True)
+        target = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "mmspec-target")
+        hub = [v for label, v in demo.mmspec_config.drafters if label.endswith("(hub)")]
+        return target, hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target, hub = menus()
+    assert not target.visible and len(target.choices) == 1 and hub == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    target, hub = menus()
+    assert target.visible and len(target.choices) > 1 and "Qwen/Qwen2-0.5B-Instruct" in hub

@@ -143,3 +143,46 @@ def test_traces_of_every_embedded_drafter_pass():
         spec = generate(target, load_drafter(str(folder), target), img, "Describe the image.", cfg)
         data = json.loads(json.dumps(traceio.pack(traceio.Bundle(van, spec, img, {}))))
         assert traceio.unpack(data).speculative.token_ids == spec.token_ids, folder.name
+
+
+def _with_measurements(race):
+    """The race as the app saves it now: medians and spreads of every method, and a raced rival."""
+    spread = {"median": 40.0, "min": 38.0, "max": 44.0, "p10": 38.5, "p90": 43.0, "n": 3}
+    base = {"method": "vanilla", "label": "vanilla", "device": "cpu", "dtype": "float32", "temperature": 0.0,
+            "tokens_per_s": spread, "wall_s": {**spread, "median": 0.4, "min": 0.3, "max": 0.5, "p10": 0.3, "p90": 0.5},
+            "tau": 1.0, "accepted_per_step": 0.0, "same_tokens_every_run": True}
+    drafter = {**copy.deepcopy(base), "method": "random", "label": "random <b>",
+               "speedup": {"median": 0.9, "min": 0.8, "max": 1.1, "verdict": "within noise",
+                           "same_device_as_vanilla": True}}
+    out = copy.deepcopy(race)
+    out["measurements"] = [base, drafter, copy.deepcopy(drafter)]
+    out["rivals"] = [copy.deepcopy(race["speculative"])]
+    return out
+
+
+MEASURED_MUTATIONS = {
+    "tau as text": (lambda r: r["measurements"][1].__setitem__("tau", "fast"), "a number"),
+    "unknown verdict": (lambda r: r["measurements"][1]["speedup"].__setitem__("verdict", "<b>best</b>"), "one of"),
+    "spread without n": (lambda r: r["measurements"][0]["tokens_per_s"].pop("n"), "missing field"),
+    "negative median": (lambda r: r["measurements"][0]["wall_s"].__setitem__("median", -1.0), "outside"),
+    "unknown measurement field": (lambda r: r["measurements"][0].__setitem__("x", 1), "unknown field"),
+    "too many measurements": (lambda r: r["measurements"].extend([r["measurements"][0]] * 2), "entries"),
+    "vanilla rival": (lambda r: r["rivals"].__setitem__(0, r["vanilla"]), "must be speculative"),
+    "too many rivals": (lambda r: r["rivals"].extend([r["rivals"][0]] * 2), "entries"),
+    "entropy as text": (lambda r: r.__setitem__("target_entropy", ["0.5"]), "a number"),
+}
+
+
+def test_measured_races_pass_and_their_numbers_are_typed(race, tmp_path):
+    """A saved race carries medians, spreads and rivals; every number the page formats is checked, so a
+    visitor's trace cannot break the numbers table or the race panes."""
+    good = _with_measurements(race)
+    good["target_entropy"] = [0.5, 0.25, 0.75]
+    b = load_dict(tmp_path, good)
+    assert len(b.rivals) == 1 and b.measurements[1]["speedup"]["verdict"] == "within noise"
+    assert b.target_entropy == [0.5, 0.25, 0.75]
+    for name, (mutate, message) in MEASURED_MUTATIONS.items():
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises(InputError, match=message):
+            load_dict(tmp_path, bad)

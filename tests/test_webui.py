@@ -160,3 +160,108 @@ def test_image_limits(dirs):
     with pytest.raises(InputError, match="the limit is 8 MB"):
         parse_request(rules(True, str(upload)), {"path": str(heavy), "meta": META}, "hi", "/models/target", "ngram",
                       **ARGS)
+
+
+def test_trace_settings_are_clamped_and_public_drafters_checked():
+    """A replayed trace fills the controls; its numbers are a visitor's and are clamped to each
+    control's range, a shape the controls cannot show is left out, public mode keeps listed drafters."""
+    from webui.request import trace_settings
+
+    cfg = {"tree": "dynamic:300,20,3", "temperature": "hot", "top_p": 7, "seed": -5, "max_new_tokens": 10**9}
+    out = trace_settings(cfg, "Where is the <b>?", ["/x/draft", "ngram", "evil/hub"], 64, allowed={"ngram"})
+    assert out == {"prompt": "Where is the <b>?", "temperature": 0.0, "top_p": 1.0, "seed": 0, "max_tokens": 64,
+                   "drafter": "ngram", "rivals": [], "shape": "tree (dynamic)", "budget": 128, "depth": 12, "topk": 3}
+    chain = trace_settings({"tree": "chain:4", "temperature": 0.7}, "p", ["a", "b"], 64)
+    assert (chain["shape"], chain["chain_len"], chain["drafter"], chain["rivals"], chain["temperature"]) == (
+        "chain", 4, "a", ["b"], 0.7)
+    assert "shape" not in trace_settings({"tree": "static:[[0]]"}, "p", [], 64)
+
+
+def test_views_fill_every_declared_output_by_name(tiny_dir):
+    """webui.views builds the page's values without Gradio: after a run every race and view output the
+    app declares gets a value (no output left stale), unused race panes are hidden, and a run without a
+    visual map hides that plot rather than keeping the previous one."""
+    import app
+    import crafted
+    from viz import traceio
+    from webui import views
+
+    data = crafted.real_race(tiny_dir)
+    bundle = traceio.unpack(data)
+    out = views.everything(bundle, views.Pace(fps=4, min_s=1, max_s=2), [], "trace.json")
+    assert set(out) == set(app.RACE_OUT) | set(app.VIEW_OUT)
+    assert [out[f"pane{i}"].props["visible"] for i in range(4)] == [True, True, False, False]
+    assert out["vmap_plot"].props["visible"] is True  # the crafted run has a visual map
+    for step in data["speculative"]["steps"]:
+        step["extras"] = {}
+    plain = views.everything(traceio.unpack(data), views.Pace(fps=4, min_s=1, max_s=2), [], None)
+    assert plain["vmap_plot"].props == {"value": None, "visible": False}
+    assert views.SKIP.props == {} and views.short_name("/srv/models/draft-vlm") == "draft-vlm"
+
+
+def test_rivals_and_repeats_are_checked_before_any_work(dirs):
+    """Up to 2 more drafters (duplicates and the main one dropped, vanilla refused, the public list
+    enforced for each) and 3-10 timed runs; all refused before the image is opened."""
+    upload, _ = dirs
+    img = {"path": str(upload / "img.png"), "meta": META}
+    public, open_rules = rules(True, str(upload)), rules(False, str(upload))
+    cases = [(open_rules, ["a", "b", "c"], 3, "at most 3 drafters"), (open_rules, ["vanilla"], 3, "baseline"),
+             (open_rules, ["random"], 2, "between 3 and 10"), (open_rules, [3], 3, "list of names"),
+             (open_rules, [], "many", "whole number"), (public, ["someone/draft"], 3, "public app runs only")]
+    for r, rivals, repeats, message in cases:
+        with pytest.raises(InputError, match=message):
+            parse_request(r, img, "hi", "/models/target", "ngram", **ARGS, rivals=rivals, repeats=repeats)
+    # accepted settings go on to open the image (a fake one here)
+    with pytest.raises(InputError, match="not a readable image"):
+        parse_request(public, img, "hi", "/models/target", "ngram", **ARGS, rivals=["random", "ngram", "random"],
+                      repeats=5)
+    from webui.request import rivals_of
+
+    assert rivals_of("ngram", ["random", " ngram", "random", ""], "4") == (("random",), 4)
+
+
+def test_scope_warning_for_questions_and_photos(tmp_path):
+    """The out-of-world warning: a question the synthetic world never asks, a photo-like picture; a
+    question of the world about a rendered scene gets none."""
+    from PIL import Image
+
+    import tiny_models
+    from mmspec.world import sample_example
+    from webui import views
+
+    photo = tmp_path / "photo.png"
+    tiny_models.image(1, size=224).save(photo)  # noise: thousands of colours
+    scene = tmp_path / "scene.png"
+    sample_example(3)[0].save(scene)
+    assert "capital" in views.scope_html("What is the capital of France?", None, Limits())
+    assert "distinct colours" in views.scope_html("How many red circles are there?", str(photo), Limits())
+    assert views.scope_html("How many red circles are there?", str(scene), Limits()) == ""
+    Image.new("RGB", (4000, 4000)).save(big := tmp_path / "big.png")
+    assert views.scope_html("Describe the image.", str(big), Limits(max_image_pixels=1000)) == ""  # not opened
+
+
+def test_stop_reaches_every_run_of_the_session():
+    """A replay started while a measurement runs (same session) must not hide the measurement from Stop."""
+    runs = RunRegistry()
+    with runs.running("s") as measuring:
+        with runs.running("s") as replaying:
+            assert len(runs) == 1 and runs.event("s") is replaying
+        assert runs.event("s") is measuring  # the replay ended: the measurement is still registered
+        with runs.running("other") as elsewhere:
+            assert runs.stop("s") and measuring.is_set() and not elsewhere.is_set()
+    assert len(runs) == 0 and not runs.stop("s")
+
+
+def test_legend_counts_leave_the_end_of_text_out(tiny_dir):
+    """The legend's counts are of content: an end-of-text token is drawn as a marker and counted nowhere."""
+    import crafted
+    from viz import race, traceio
+    from webui import views
+
+    bundle = traceio.unpack(crafted.real_race(tiny_dir))
+    spec = bundle.speculative
+    next(s for s in reversed(spec.steps) if s.new_tokens).new_texts[-1] = "</s>"  # the answer ends on EOS
+    assert race.ends_with_eos(spec, None)
+    counts = views.fate_counts(spec, views.vocab_of(bundle))
+    committed = sum(counts[f] for f in ("accepted", "correction", "bonus", "target"))
+    assert committed == len(spec.token_ids) - 1

@@ -206,3 +206,14 @@ def result_sets(folder: Path = RESULTS) -> list[ResultSet]:
         if rows:
             out.append(ResultSet(path.stem, meta, rows))
     return out
+
+
+def best_result_sets(session_device: str, folder: Path = RESULTS) -> list[ResultSet]:
+    """Per hardware, the benchmark file with the most rows (the fullest table of that machine); the
+    hardware this session runs on first, since only its numbers apply here."""
+    best: dict[str, ResultSet] = {}
+    for rs in result_sets(folder):
+        hw = hardware_name(rs.meta)
+        if hw not in best or len(rs.rows) > len(best[hw].rows):
+            best[hw] = rs
+    return sorted(best.values(), key=lambda rs: "like this session" not in applies_here(rs.meta, session_device))

@@ -26,7 +26,7 @@ from mmspec.entropy import choose_layers
 from mmspec.trace import Generation
 from mmspec.world import TEXT_ONLY_BANK, VISUAL_WORDS
 from viz.bench import drafter_label
-from viz.race import ends_with_eos
+from viz.tokens import ends_with_eos
 
 KIND_PROSE = {
     "model": "a small language model run as a draft: it reads the same prompt and guesses the next tokens",
@@ -330,3 +330,33 @@ def image_stats_of(image) -> dict:
     """Cheap statistics of a PIL image for `world_scope`: size and distinct colours at 224×224."""
     small = image.convert("RGB").resize((224, 224))
     return {"size": image.size, "colours": len(small.getcolors(224 * 224) or [])}
+
+
+# ---------------------------------------------------------------- the target's attention, for any run
+
+def chosen_for(profile: list[float], info: dict | None) -> tuple[list[int], bool]:
+    """(the layers to star, whether the drafter reads them): a feature drafter's own chosen layers,
+    else what the rule picks from this profile."""
+    info = info or {}
+    own = [int(c) for c in info.get("chosen_layers") or [] if 0 <= int(c) < len(profile)]
+    if own:
+        return own, bool(info.get("dream_uses_chosen_layers", True))
+    return choose_layers(profile)[0], False
+
+
+def layer_choice_html(profile: list[float] | None, info: dict | None = None) -> str:
+    """Why these layers: the rule in words next to the chosen layers, and why lower-entropy layers
+    were passed over. `profile` is the target's (a property of the target, shown for every run)."""
+    if not profile:
+        return ('<div class="mmspec-card"><p>The target\'s attention entropy could not be recomputed for this '
+                "model family (its attention is not rebuilt exactly), so no layers are chosen here.</p></div>")
+    chosen, reads = chosen_for(profile, info)
+    name = drafter_label(plain((info or {}).get("name", ""))) if info else ""
+    who = (f"{name} reads layers {plain(chosen)}" if reads else
+           f"The rule chooses layers {plain(chosen)}; " + ("this drafter does not read target layers, so the "
+                                                          "choice is shown for what a DREAM-style drafter would read"
+                                                          if info else "no drafter ran"))
+    parts = [f"Attention entropy of the target's {len(profile)} decoder layers on this prompt (normalised: 0 = "
+             "each query attends to one key, 1 = spread evenly). " + who + ".", LAYER_RULE,
+             *skipped_layers(profile, chosen)]
+    return '<div class="mmspec-card">' + "".join(f"<p>{html.escape(p)}</p>" for p in parts) + "</div>"

@@ -57,11 +57,15 @@ def accepted_length_figure(gen: Generation | None) -> go.Figure:
     return style_figure(fig, title="Accepted length per step", height=300)
 
 
-SUMMARY_HEADERS = ["#", "drafter", "shape", "temp", "tokens", "τ", "vanilla tok/s", "spec tok/s", "speed-up", "output"]
+SUMMARY_HEADERS = ["#", "drafter", "shape", "temp", "tokens", "τ", "vanilla tok/s", "spec tok/s", "speed-up", "verdict",
+                   "output"]
 
 
-def summary_row(n: int, vanilla: Generation | None, spec: Generation | None, source: str = "") -> dict[str, Any]:
-    """One run of the session as a dict (see SUMMARY_HEADERS for the table columns)."""
+def summary_row(n: int, vanilla: Generation | None, spec: Generation | None, source: str = "",
+                measured: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """One run of the session as a dict (see SUMMARY_HEADERS for the table columns). With `measured`
+    (vanilla's and the drafter's `webui.measure.as_json`), tokens/s and speed-up are the medians of the
+    repeated runs and the verdict comes along; without (an old trace), they are of the one run."""
     from viz.tokens import first_divergence
 
     g = spec or vanilla
@@ -70,6 +74,10 @@ def summary_row(n: int, vanilla: Generation | None, spec: Generation | None, sou
     van_tps = vanilla.stats.tokens_per_s if vanilla else None
     spec_tps = spec.stats.tokens_per_s if spec else None
     speedup = spec_tps / van_tps if van_tps and spec_tps else None
+    verdict = "one run" if speedup is not None else None
+    if measured is not None and measured[1].get("speedup"):
+        van_tps, spec_tps = measured[0]["tokens_per_s"]["median"], measured[1]["tokens_per_s"]["median"]
+        speedup, verdict = measured[1]["speedup"]["median"], measured[1]["speedup"]["verdict"]
     same = "–"
     if vanilla and spec:
         same = "identical" if first_divergence(vanilla.token_ids, spec.token_ids) is None else "differs"
@@ -82,6 +90,7 @@ def summary_row(n: int, vanilla: Generation | None, spec: Generation | None, sou
         "vanilla tok/s": round(van_tps, 1) if van_tps is not None else None,
         "spec tok/s": round(spec_tps, 1) if spec_tps is not None else None,
         "speed-up": round(speedup, 2) if speedup is not None else None,
+        "verdict": verdict,
         "output": same,
     }
 
@@ -98,7 +107,8 @@ def summary_figure(rows: list[dict[str, Any]]) -> go.Figure:
     labels = [f"#{esc(r['#'])} {esc(r['drafter'])}<br>{esc(r['shape'])}" for r in rows]
     fig = go.Figure(go.Bar(
         x=labels, y=[r["speed-up"] for r in rows], marker_color=[GREEN if r["speed-up"] >= 1 else "#D55E00" for r in rows],
-        text=[f"{r['speed-up']:.2f}× · τ {r['τ']:.2f}" for r in rows], textposition="outside",
+        text=[f"{r['speed-up']:.2f}× · τ {r['τ']:.2f} · {esc(r.get('verdict') or '')}" for r in rows],
+        textposition="outside",
         hovertemplate="%{x}<br>speed-up %{y:.2f}×<extra></extra>", width=[0.5] * len(rows) if len(rows) < 5 else None,
     ))
     fig.add_hline(y=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
@@ -152,7 +162,7 @@ def speedup_spread_figure(points: list[dict]) -> go.Figure:
     ))
     fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
     wheres = sorted({p["where"] for p in points})
-    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing of runs)")
+    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing)", automargin=True)
     # First method on top, with room above each point for its label (a categorical axis counts 0, 1, ...).
     fig.update_yaxes(automargin=True, range=[len(points) - 0.5, -0.8])
     return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),

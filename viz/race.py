@@ -1,10 +1,10 @@
-"""Replaying measured timelines on one clock: the two-run race (vanilla and speculative, below) and
-the race of vanilla + up to 3 drafters (`race`, further down) on a slowed clock a room can follow.
+"""Replaying measured timelines on one clock: the race of vanilla + up to 3 drafters on a slowed
+clock a room can follow, and its panes as HTML.
 
-The runs are measured one after the other; each step carries `elapsed_s` (seconds since its run's
-start). The race shows, at measured time t, every step of each run that had finished by t. The
-replay plays the timeline at real speed when it fits in [min_s, max_s] seconds, otherwise faster or
-in slow motion, and says so.
+The runs are measured apart; each step carries `elapsed_s` (seconds since its run's start). The race
+shows, at measured time t, every token of each run whose step had finished by t. The slowest run
+lasts between min_s and max_s on the slowed clock (real speed when it already does), and the clock
+says both times.
 """
 from __future__ import annotations
 
@@ -14,74 +14,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmspec.trace import Generation
-from viz.tokens import token_html
-
-
-@dataclass
-class PaneNumbers:
-    steps: int  # steps shown (prefill included)
-    tokens: int
-    elapsed_s: float
-    tokens_per_s: float | None
-    tau: float | None  # committed tokens per decode forward so far (speculative only)
-    finished: bool
-
-
-def steps_done(gen: Generation, t: float) -> int:
-    return bisect.bisect_right([s.elapsed_s for s in gen.steps], t + 1e-12)
-
-
-def numbers_at(gen: Generation, t: float) -> PaneNumbers:
-    k = steps_done(gen, t)
-    shown = gen.steps[:k]
-    tokens = sum(len(s.new_tokens) for s in shown)
-    finished = k >= len(gen.steps) and t >= gen.stats.wall_s - 1e-9
-    elapsed = gen.stats.wall_s if finished else min(t, gen.stats.wall_s)
-    decode = [s for s in shown if s.kind != "prefill"]
-    tau = sum(len(s.new_tokens) for s in decode) / len(decode) if decode and gen.mode == "speculative" else None
-    if finished:
-        tps = gen.stats.tokens_per_s
-        tau = gen.stats.tau if gen.mode == "speculative" else None
-    else:
-        tps = tokens / elapsed if elapsed > 0 and tokens else None
-    return PaneNumbers(k, tokens, elapsed, tps, tau, finished)
-
-
-def speedup(van: PaneNumbers | None, spec: PaneNumbers | None) -> float | None:
-    if van is None or spec is None or not van.tokens_per_s or not spec.tokens_per_s:
-        return None
-    return spec.tokens_per_s / van.tokens_per_s
-
-
-def timeline_s(*gens: Generation | None) -> float:
-    return max((g.stats.wall_s for g in gens if g is not None), default=0.0)
-
-
-def schedule(total_s: float, fps: float = 12.0, min_s: float = 3.0, max_s: float = 20.0) -> tuple[float, list[float]]:
-    """(speed, measured times of each frame): replay `total_s` measured seconds in [min_s, max_s] real seconds."""
-    if total_s <= 0:
-        return 1.0, [0.0]
-    duration = min(max(total_s, min_s), max_s)
-    speed = total_s / duration
-    n = max(1, math.ceil(duration * fps))
-    return speed, [total_s * k / n for k in range(n + 1)]
-
-
-def speed_label(speed: float) -> str:
-    if abs(speed - 1.0) < 0.05:
-        return "real time"
-    if speed > 1:
-        return f"{speed:.1f}× faster than real time"
-    return f"slow motion ({1 / speed:.1f}× slower than real time)"
+from mmspec.trace import Generation, StepRecord
+from viz.tokens import ends_with_eos, esc, step_fates, token_html, tooltip
 
 
 # ---------------------------------------------------------------- the race of up to four runs
 # vanilla + up to 3 drafters, each measured apart, replayed together on one slowed clock.
 
 MAX_PANES = 4
-RACE_FATES = ("accepted", "correction", "bonus", "target", "end")
-END_TEXTS = frozenset({"</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"})
+RACE_FATES = ("accepted", "correction", "bonus", "target", "end", "rejected")
 
 
 @dataclass(frozen=True)
@@ -90,6 +31,7 @@ class RaceToken:
     fate: str  # one of RACE_FATES; "end" = the end-of-text token, drawn as a marker and never as content
     step: int
     real_s: float  # measured seconds since the run's start when its step finished
+    title: str = ""  # tooltip (numbers of the draft); empty unless a vocab was given
 
 
 @dataclass
@@ -128,18 +70,6 @@ class Race:
     duration_s: float  # replay length on the slowed clock
 
 
-def ends_with_eos(gen: Generation, eos_ids: set[int] | None) -> bool:
-    """Whether the run's last token is end-of-text. The engine stops only at EOS or max_new_tokens,
-    so a run shorter than its limit ended on EOS; at the limit, the token's id or text decides."""
-    if not gen.token_ids:
-        return False
-    if eos_ids is not None:
-        return gen.token_ids[-1] in eos_ids
-    limit = gen.config.get("max_new_tokens")
-    last_text = next((s.new_texts[-1] for s in reversed(gen.steps) if s.new_texts), "")
-    return (isinstance(limit, int) and len(gen.token_ids) < limit) or last_text.strip() in END_TEXTS
-
-
 def _fate(step, i: int) -> str:
     if step.kind in ("prefill", "vanilla") or len(step.tree) == 0:
         return "target"
@@ -148,23 +78,43 @@ def _fate(step, i: int) -> str:
     return step.next_kind if step.next_kind in ("bonus", "correction") else "target"
 
 
-def race_tokens(gen: Generation, eos_ids: set[int] | None = None) -> list[RaceToken]:
-    """Committed tokens with their fate, end-of-text as an "end" marker and nothing after it."""
-    last_is_eos = ends_with_eos(gen, eos_ids)
+def race_tokens(gen: Generation, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+                rejected: bool = False) -> list[RaceToken]:
+    """Committed tokens with their fate, end-of-text as an "end" marker and nothing after it.
+    With `vocab`, each token carries its tooltip; with `rejected`, thrown-away drafts come too (fate
+    "rejected", which the page hides unless asked)."""
     n_total = sum(len(s.new_tokens) for s in gen.steps)
+    last_eos = n_total - 1 if ends_with_eos(gen, eos_ids) else None
+    return steps_tokens(gen.steps, eos_ids, last_eos, vocab, rejected)
+
+
+def steps_tokens(steps: Sequence[StepRecord], eos_ids: set[int] | None, last_eos: int | None = None,
+                 vocab: dict[int, str] | None = None, rejected: bool = False) -> list[RaceToken]:
+    """Race tokens of steps (a finished run, or a run in progress); `last_eos`: the index of a
+    committed token known to be end-of-text though its id is not in `eos_ids`."""
     out: list[RaceToken] = []
-    for step in gen.steps:
+    n = 0  # committed tokens so far
+    for step in steps:
+        titled = step_fates(step, vocab) if vocab is not None else None
+        committed = [f for f in titled if f.committed] if titled is not None else None
+        if rejected and titled is not None:
+            out += [RaceToken(f.text, "rejected", step.index, step.elapsed_s, tooltip(f))
+                    for f in titled if not f.committed]
         for i, (tok, text) in enumerate(zip(step.new_tokens, step.new_texts)):
-            is_end = (eos_ids is not None and tok in eos_ids) or (last_is_eos and len(out) == n_total - 1)
-            out.append(RaceToken(text, "end" if is_end else _fate(step, i), step.index, step.elapsed_s))
+            is_end = (eos_ids is not None and tok in eos_ids) or n == last_eos
+            title = tooltip(committed[i]) if committed is not None and i < len(committed) else ""
+            out.append(RaceToken(text, "end" if is_end else _fate(step, i), step.index, step.elapsed_s,
+                                 "" if is_end else title))
+            n += 1
             if is_end:
                 return out  # an uploaded trace may carry tokens after EOS: never drawn
     return out
 
 
-def race_pane(label: str, gen: Generation, eos_ids: set[int] | None = None) -> RacePane:
+def race_pane(label: str, gen: Generation, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+              rejected: bool = False) -> RacePane:
     spec = gen.mode == "speculative"
-    return RacePane(label, race_tokens(gen, eos_ids), gen.stats.wall_s, gen.stats.tau if spec else 1.0,
+    return RacePane(label, race_tokens(gen, eos_ids, vocab, rejected), gen.stats.wall_s, gen.stats.tau if spec else 1.0,
                     str(gen.config.get("device", "?")), str(gen.config.get("dtype", "?")),
                     list(gen.stats.acceptance_by_depth) if spec else [],
                     list(gen.stats.drafted_by_depth) if spec else [])
@@ -187,13 +137,14 @@ def pane_at(pane: RacePane, real_s: float) -> PaneFrame:
 
 
 def race(runs: Sequence[tuple[str, Generation]], fps: float = 10.0, min_s: float = 8.0, max_s: float = 20.0,
-         speed: float = 1.0, eos_ids: set[int] | None = None) -> Race:
+         speed: float = 1.0, eos_ids: set[int] | None = None, vocab: dict[int, str] | None = None,
+         rejected: bool = False) -> Race:
     """Frames of the replay of up to MAX_PANES measured runs (label, generation) on one slowed clock.
 
     Frame k is at clock k/fps; the last frame is exactly the slowest run's end, so every pane ends full."""
     if not 1 <= len(runs) <= MAX_PANES:
         raise ValueError(f"a race has 1 to {MAX_PANES} runs (vanilla + up to 3 drafters), got {len(runs)}")
-    panes = [race_pane(label, gen, eos_ids) for label, gen in runs]
+    panes = [race_pane(label, gen, eos_ids, vocab, rejected) for label, gen in runs]
     slowest = max(p.finish_s for p in panes)
     stretch = stretch_for(slowest, min_s, max_s, speed)
     duration = slowest * stretch
@@ -217,25 +168,46 @@ def clock_text(frame: Frame, stretch: float) -> str:
     return f"measured {frame.real_s:.3f} s · replay {frame.clock_s:.1f} s ({how})"
 
 
-def pane_html(pf: PaneFrame) -> str:
+def pane_html(pf: PaneFrame, stats: str = "", state: str | None = None) -> str:
     """Tokens of one pane frame as fate-classed spans; text escaped once (token_html), the end marker
-    a badge of its own. The label is escaped here."""
+    a badge of its own. The label and `state` are escaped here; `stats` is HTML made by `stats_html`."""
     spans = []
     for t in pf.tokens:
         if t.fate == "end":
             spans.append('<span class="tok tok-end" title="end of text">■ end</span>')
         else:
-            spans.append(f'<span class="tok tok-{t.fate}" data-step="{t.step}">{token_html(t.text)}</span>')
-    state = "finished" if pf.finished else "running"
-    return (f'<div class="mmspec-race-pane" data-state="{state}"><div class="mmspec-race-label">'
-            f'{html.escape(pf.label)} · {len([t for t in pf.tokens if t.fate != "end"])} tokens · '
-            f'{pf.real_s:.3f} s</div><div class="mmspec-tokens">{"".join(spans)}</div></div>')
+            title = f' title="{esc(t.title)}"' if t.title else ""
+            spans.append(f'<span class="tok tok-{t.fate}" data-step="{t.step}"{title}>{token_html(t.text)}</span>')
+    if state is None:
+        state = "finished" if pf.finished else "running"
+    n = sum(t.fate not in ("end", "rejected") for t in pf.tokens)
+    return (f'<div class="mmspec-race-pane" data-state="{esc(state)}"><div class="mmspec-race-label">'
+            f'<span class="name">{html.escape(pf.label)}</span> · {n} tokens · {pf.real_s:.3f} s · '
+            f'{html.escape(state)}</div>'
+            f'{stats}<div class="mmspec-tokens">{"".join(spans)}</div></div>')
+
+
+def live_frame(label: str, steps: Sequence[StepRecord], elapsed_s: float, eos_ids: set[int] | None,
+               vocab: dict[int, str] | None = None) -> PaneFrame:
+    """A run in progress (or stopped) as a pane frame: its steps so far, EOS as the end marker."""
+    toks = tuple(steps_tokens(steps, eos_ids, None, vocab, rejected=vocab is not None))
+    return PaneFrame(label, toks, elapsed_s, False, bool(toks) and toks[-1].fate == "end")
 
 
 # Styles for pane_html's own classes (the fate classes come from viz.style.CSS); append to the page CSS.
 RACE_CSS = """
 .mmspec-race-pane { display: flex; flex-direction: column; gap: 4px; }
+.mmspec-race-pane .mmspec-tokens { white-space: pre-wrap; word-break: break-word; line-height: 1.9; min-height: 5em; }
+.verdict-faster b { color: #009E73; } .verdict-slower b { color: #D55E00; }
+.mmspec-race-label .name { font-weight: 600; color: var(--body-text-color); }
 .mmspec-race-label { font-size: 13px; color: var(--body-text-color-subdued); font-variant-numeric: tabular-nums; }
 .tok-end { border: 1px solid var(--body-text-color-subdued); border-radius: 3px; padding: 0 4px; font-size: 0.8em;
   color: var(--body-text-color-subdued); margin-left: 4px; }
 """
+
+
+def plain_text(gen: Generation | None) -> str:
+    """The answer as text without its end-of-text token ('' without a run): what the text boxes show."""
+    if gen is None:
+        return ""
+    return "".join(t.text for t in race_tokens(gen) if t.fate != "end")

@@ -338,7 +338,10 @@ def check_generation(g: Any, where: str, lim: TraceLimits = TraceLimits()) -> No
 
 # ---------------------------------------------------------------- a race file
 
-BUNDLE_KEYS = ("format", "version", "vanilla", "speculative", "token_texts", "image")
+BUNDLE_KEYS = ("format", "version", "vanilla", "speculative", "token_texts", "image", "rivals", "measurements",
+               "target_entropy")
+MAX_RIVALS = 2  # drafters raced beside the main one (vanilla + 3 drafters in all)
+MAX_LAYERS = 1024
 
 
 def check_token_texts(t: Any, where: str, lim: TraceLimits) -> None:
@@ -351,6 +354,43 @@ def check_token_texts(t: Any, where: str, lim: TraceLimits) -> None:
             refuse(f"{where} (a key)", f"expected a token id, got {_short(k)}")
         if type(v) is not str or len(v) > lim.max_token_text:
             check_str(v, f"{where}.{k}", lim.max_token_text)
+
+
+MEASUREMENT_KEYS = ("method", "device", "dtype", "tokens_per_s", "wall_s", "tau", "accepted_per_step")
+SPREAD_KEYS = ("median", "min", "max", "p10", "p90", "n")
+VERDICTS = ("faster", "slower", "within noise")
+
+
+def check_spread(v: Any, where: str) -> None:
+    check_keys(v, where, SPREAD_KEYS)
+    for k in SPREAD_KEYS[:-1]:
+        check_num(v[k], f"{where}.{k}", 0.0, 1e12)
+    check_int(v["n"], f"{where}.n", 1, 10_000)
+
+
+def check_measurement(m: Any, where: str) -> None:
+    """One method's repeated measurement (webui.measure.as_json, plus its label): every field the page
+    formats is typed, so a visitor's trace cannot break the table."""
+    check_keys(m, where, MEASUREMENT_KEYS, ("label", "temperature", "same_tokens_every_run", "speedup"))
+    for k in ("method", "device", "dtype", "label"):
+        if k in m:
+            check_str(m[k], f"{where}.{k}", 200)
+    check_spread(m["tokens_per_s"], f"{where}.tokens_per_s")
+    check_spread(m["wall_s"], f"{where}.wall_s")
+    check_num(m["tau"], f"{where}.tau", 0.0, 1e4)
+    check_num(m["accepted_per_step"], f"{where}.accepted_per_step", -1.0, 1e4)
+    if "temperature" in m:
+        check_num(m["temperature"], f"{where}.temperature", 0.0, 100.0)
+    if m.get("same_tokens_every_run") is not None and type(m["same_tokens_every_run"]) is not bool:
+        refuse(f"{where}.same_tokens_every_run", "expected true, false or null")
+    if "speedup" in m:
+        sp = check_keys(m["speedup"], f"{where}.speedup", ("median", "min", "max", "verdict"),
+                        ("same_device_as_vanilla",))
+        for k in ("median", "min", "max"):
+            check_num(sp[k], f"{where}.speedup.{k}", 0.0, 1e12)
+        check_choice(sp["verdict"], f"{where}.speedup.verdict", VERDICTS)
+        if "same_device_as_vanilla" in sp and type(sp["same_device_as_vanilla"]) is not bool:
+            refuse(f"{where}.speedup.same_device_as_vanilla", "expected true or false")
 
 
 def check_bundle(d: Any, lim: TraceLimits = TraceLimits()) -> None:
@@ -369,3 +409,12 @@ def check_bundle(d: Any, lim: TraceLimits = TraceLimits()) -> None:
         check_token_texts(d["token_texts"], "trace.token_texts", lim)
     if d.get("image") is not None:
         check_str(d["image"], "trace.image", lim.max_image_chars)
+    for i, g in enumerate(check_list(d.get("rivals") or [], "trace.rivals", MAX_RIVALS)):
+        check_generation(g, f"rivals[{i}]", lim)
+        if g["mode"] != "speculative":
+            refuse(f"rivals[{i}].mode", "a raced drafter's run must be speculative")
+    if d.get("measurements") is not None:
+        for i, m in enumerate(check_list(d["measurements"], "trace.measurements", 1 + 1 + MAX_RIVALS)):
+            check_measurement(m, f"trace.measurements[{i}]")
+    if d.get("target_entropy") is not None:
+        check_nums(d["target_entropy"], "trace.target_entropy", MAX_LAYERS, 0.0, 1e3)

@@ -243,27 +243,29 @@ def legend_html(counts: dict[str, int] | None = None) -> str:
     return '<div class="mmspec-legend">' + "".join(items) + "</div>"
 
 
-def header_html(title: str, subtitle: str = "", tokens: int | None = None, elapsed_s: float | None = None,
-                tokens_per_s: float | None = None, tau: float | None = None, speedup: float | None = None,
-                state: str = "") -> str:
-    """One line of live numbers above a pane."""
-    parts = [f'<span class="title">{html.escape(title)}</span>']
-    if subtitle:
-        parts.append(f'<span class="sub">{html.escape(subtitle)}</span>')
-    if tokens is not None:
-        parts.append(f'<span class="stat"><b>{esc(tokens)}</b> tokens</span>')
-    if elapsed_s is not None:
-        parts.append(f'<span class="stat"><b>{elapsed_s:.2f}</b> s</span>')
-    if tokens_per_s is not None:
-        parts.append(f'<span class="stat"><b>{tokens_per_s:.1f}</b> tok/s</span>')
-    if tau is not None:
-        parts.append(f'<span class="stat" title="tokens per target forward">τ <b>{tau:.2f}</b></span>')
-    if speedup is not None:
-        parts.append(f'<span class="stat" title="tokens/s over vanilla tokens/s">speed-up <b>{speedup:.2f}×</b></span>')
-    if state:
-        cls = "done" if state.startswith("✓") else "sub"
-        parts.append(f'<span class="{cls}">{html.escape(state)}</span>')
-    return '<div class="mmspec-header">' + "".join(parts) + "</div>"
+# ---------------------------------------------------------------- end of text
+
+END_TEXTS = frozenset({"</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"})
+
+
+def ends_with_eos(gen: Generation, eos_ids: set[int] | None) -> bool:
+    """Whether the run's last token is end-of-text. The engine stops only at EOS or max_new_tokens,
+    so a run shorter than its limit ended on EOS; at the limit, the token's id or text decides."""
+    if not gen.token_ids:
+        return False
+    if eos_ids is not None:
+        return gen.token_ids[-1] in eos_ids
+    limit = gen.config.get("max_new_tokens")
+    last_text = next((s.new_texts[-1] for s in reversed(gen.steps) if s.new_texts), "")
+    return (isinstance(limit, int) and len(gen.token_ids) < limit) or last_text.strip() in END_TEXTS
+
+
+def content_texts(gen: Generation) -> list[str | None]:
+    """Committed token texts with the end-of-text token as None (drawn as an end marker, never as text)."""
+    texts: list[str | None] = list(token_texts(gen))
+    if texts and ends_with_eos(gen, None):
+        texts[-1] = None
+    return texts
 
 
 # ---------------------------------------------------------------- diff
@@ -286,14 +288,17 @@ def diff_html(vanilla: Generation | None, spec: Generation | None) -> str:
     if i is None:
         return (f'<div class="mmspec-diff"><span class="same">✓ identical</span>: {len(a)} tokens, token for token'
                 f'{" (as losslessness requires at temperature 0)" if temp == 0 else ""}.</div>')
-    ta, tb = token_texts(vanilla), token_texts(spec)
+    ta, tb = content_texts(vanilla), content_texts(spec)
 
-    def side(texts: list[str], ids: list[int]) -> str:
+    def show(text: str | None) -> str:
+        return '<span class="tok tok-end" title="end of text">■ end</span>' if text is None else token_html(text)
+
+    def side(texts: list[str | None], ids: list[int]) -> str:
         lo = max(0, i - 40)
-        pre = "".join(token_html(t) for t in texts[lo:i])
-        here = (f'<span class="tok tok-diverge" title="token {i}: id {esc(ids[i])}">{token_html(texts[i])}</span>'
+        pre = "".join(show(t) for t in texts[lo:i])
+        here = (f'<span class="tok tok-diverge" title="token {i}: id {esc(ids[i])}">{show(texts[i])}</span>'
                 if i < len(texts) else '<span class="tok tok-diverge">[end]</span>')
-        post = "".join(token_html(t) for t in texts[i + 1 : i + 30])
+        post = "".join(show(t) for t in texts[i + 1 : i + 30])
         return ("…" if lo else "") + pre + here + f'<span class="sub" style="opacity:.55">{post}</span>'
 
     why = ("Sampling at temperature > 0: both runs draw from the same distribution but not the same random "

@@ -1,7 +1,10 @@
 """Trace files: both runs of a race in one JSON, or a single `Generation` (as `save_trace` writes it).
 
     {"format": "mmspec-race", "version": 1, "vanilla": Generation.to_dict(), "speculative": ...,
-     "token_texts": {"id": "text"}, "image": "data:image/jpeg;base64,..." (thumbnail, optional)}
+     "token_texts": {"id": "text"}, "image": "data:image/jpeg;base64,..." (thumbnail, optional),
+     "rivals": [Generation.to_dict(), ...] (up to 2 more drafters raced on the same prompt),
+     "measurements": [webui.measure.as_json(...), ...] (medians and spreads, vanilla first),
+     "target_entropy": [per-layer attention entropy of the target on this prompt]}  (the last three optional)
 
 Everything the visualizer draws is rebuilt from this file, no model needed.
 """
@@ -30,10 +33,18 @@ class Bundle:
     speculative: Generation | None
     image: Image.Image | None = None
     token_texts: dict[int, str] = field(default_factory=dict)
+    rivals: list[Generation] = field(default_factory=list)  # drafters raced beside `speculative`
+    measurements: list[dict] = field(default_factory=list)  # webui.measure.as_json, vanilla first
+    target_entropy: list[float] | None = None  # the target's attention entropy per layer on this prompt
 
     @property
     def main(self) -> Generation | None:
         return self.speculative or self.vanilla
+
+    @property
+    def drafted(self) -> list[Generation]:
+        """Every speculative run: the main drafter's, then its rivals'."""
+        return [g for g in [self.speculative, *self.rivals] if g is not None]
 
 
 def thumbnail_uri(image: Image.Image | None, max_side: int = 384) -> str | None:
@@ -67,6 +78,9 @@ def pack(bundle: Bundle) -> dict[str, Any]:
         "speculative": bundle.speculative.to_dict() if bundle.speculative else None,
         "token_texts": {str(k): v for k, v in bundle.token_texts.items()},
         "image": thumbnail_uri(bundle.image),
+        "rivals": [g.to_dict() for g in bundle.rivals],
+        "measurements": bundle.measurements,
+        "target_entropy": bundle.target_entropy,
     }
 
 
@@ -85,7 +99,9 @@ def unpack(data: Any, limits: TraceLimits = TraceLimits()) -> Bundle:
         if van is None and spec is None:
             raise InputError("this trace holds no run")
         texts = {int(k): v for k, v in (data.get("token_texts") or {}).items()}
-        return Bundle(van, spec, image_from_uri(data.get("image")), texts)
+        rivals = [Generation.from_dict(g) for g in data.get("rivals") or []]
+        return Bundle(van, spec, image_from_uri(data.get("image")), texts, rivals, list(data.get("measurements") or []),
+                      data.get("target_entropy"))
     if "steps" in data and "stats" in data:
         check_generation(data, "trace", limits)
         gen = _generation(data)

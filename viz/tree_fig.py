@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from mmspec.trace import Generation, StepRecord
 from viz.style import BLUE, FONT_COLOUR, GREEN, GREY, ORANGE, RED, empty_figure, style_figure
-from viz.tokens import esc, token_vocab, visible_text
+from viz.tokens import ends_with_eos, esc, token_vocab, visible_text
 
 STATUS_LABEL = {
     "root": "root (last committed token)",
@@ -328,3 +328,20 @@ def pick_step(gen: Generation) -> int:
         if score > best_len:
             best, best_len = s.index, score
     return best
+
+
+def step_text(gen: Generation | None, index: int) -> str:
+    """One step of a run in a line of Markdown (numbers from the trace escaped here)."""
+    if gen is None or not gen.steps:
+        return "_No run yet._"
+    s = gen.steps[max(0, min(index, len(gen.steps) - 1))]
+    texts = list(s.new_texts)
+    last = next((x for x in reversed(gen.steps) if x.new_tokens), None)
+    if texts and s is last and ends_with_eos(gen, None):
+        texts[-1] = " ■ end"  # the end of text is a marker, never text (e.g. a literal </s>)
+    committed = "".join(texts)
+    nk = {"bonus": "bonus", "correction": "correction", "target": "target token"}.get(s.next_kind, s.next_kind)
+    return (f"**Step {esc(s.index)}** of {len(gen.steps) - 1} ({esc(s.kind)}) · drafted **{len(s.tree)}** · "
+            f"accepted **{len(s.accepted)}** · then {esc(nk)} · "
+            f"committed <code>{esc(visible_text(committed))}</code> · "
+            f"draft {s.draft_ms:.1f} ms · verify {s.verify_ms:.1f} ms · step {s.step_ms:.1f} ms · t = {s.elapsed_s:.3f} s")

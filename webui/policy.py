@@ -20,6 +20,10 @@ ALWAYS_DRAFTERS = ("ngram", "random")  # model-free: fine with any target
 # "target=drafter1|drafter2;target2=drafter3".)
 CURATED_PAIRS: dict[str, tuple[str, ...]] = {
     "Qwen/Qwen2-VL-2B-Instruct": ("Qwen/Qwen2-0.5B-Instruct",),
+    # one tokenizer across the Qwen2.5-VL family: the 3B drafts for the 7B, image and all
+    "Qwen/Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-3B-Instruct",),
+    # the SmolVLM2 release shares one tokenizer (49,280 ids) and vision encoder between its 500M and 256M
+    "HuggingFaceTB/SmolVLM2-500M-Video-Instruct": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct",),
 }
 
 

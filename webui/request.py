@@ -7,6 +7,9 @@ example images the app ships. Any other path is refused: the server never opens 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,11 @@ from PIL import Image
 
 from mmspec import DecodeConfig, InputError, load_image
 from mmspec.load import MAX_IMAGE_SIDE
+from mmspec.tree import parse_tree_spec
 from webui.policy import Limits, Policy
 
 FILE_DATA = "gradio.FileData"
+log = logging.getLogger("mmspec.app")
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,52 @@ class RunRequest:
     image: Image.Image
     prompt: str
     target: str
-    drafter: str
+    drafter: str  # the main drafter (the step inspector's)
     tree: str
     config: DecodeConfig
     note: str  # e.g. "image downscaled"
+    rivals: tuple[str, ...] = ()  # up to 2 more drafters raced on the same prompt
+    repeats: int = 3  # timed runs per method after the warm-up
+
+    @property
+    def drafters(self) -> list[str]:
+        return [self.drafter, *self.rivals]
+
+    def cache_key(self) -> tuple:
+        """What makes two requests the same measurement (the image by its content)."""
+        c = self.config
+        return (hash_file(self.image_path), self.prompt, self.target, tuple(self.drafters), self.tree, c.temperature,
+                c.top_p, c.seed, c.max_new_tokens, self.repeats)
+
+
+def hash_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_examples(folder: Path | None) -> list[tuple[str, str]]:
+    """(image path, prompt) of a folder's examples.json, else of its pictures with a describe prompt."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    folder = Path(folder)
+    out = []
+    meta = folder / "examples.json"
+    if meta.is_file():
+        try:
+            items = json.loads(meta.read_text())
+        except json.JSONDecodeError as e:
+            log.warning("ignoring %s: %s", meta, e)
+            items = []
+        for it in items if isinstance(items, list) else []:
+            if isinstance(it, dict) and (folder / str(it.get("image", ""))).is_file():
+                out.append((str((folder / it["image"]).resolve()), str(it.get("prompt") or "Describe the image.")))
+    else:
+        for p in sorted(folder.glob("*.png")) + sorted(folder.glob("*.jpg")):
+            out.append((str(p.resolve()), "Describe the image."))
+    return out
 
 
 def inside(path: str, folder: str) -> bool:
@@ -124,8 +171,30 @@ def open_image(path: str, limits: Limits) -> tuple[Image.Image, str]:
     return img, note
 
 
+def rivals_of(drafter: str, rivals, repeats, max_rivals: int = 2) -> tuple[tuple[str, ...], int]:
+    """The extra drafters (a list of names; the main one and repeats dropped) and the repeat count."""
+    if rivals is None or rivals == "":
+        rivals = []
+    if isinstance(rivals, str):
+        rivals = [rivals]
+    if not isinstance(rivals, (list, tuple)) or not all(isinstance(r, str) for r in rivals):
+        raise InputError("The drafters to race must be a list of names.")
+    out = tuple(dict.fromkeys(r.strip() for r in rivals if r.strip() and r.strip() != drafter))
+    if any(r in ("vanilla", "none") for r in out):
+        raise InputError("Vanilla decoding is always measured as the baseline: race drafters against it.")
+    if len(out) > max_rivals:
+        raise InputError(f"Race at most {max_rivals + 1} drafters at once (vanilla is always the baseline).")
+    try:
+        repeats = int(repeats)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InputError(f"timed runs must be a whole number ({e})") from e
+    if not 3 <= repeats <= 10:
+        raise InputError("timed runs per method must be between 3 and 10 (a median needs at least 3).")
+    return out, repeats
+
+
 def parse_request(rules: Rules, image, prompt, target, drafter, shape, chain_len, budget, depth, topk,
-                  temperature, top_p, seed, max_tokens) -> RunRequest:
+                  temperature, top_p, seed, max_tokens, rivals=(), repeats=3) -> RunRequest:
     """Every setting checked (cheap checks first), then the image opened; InputError on the first problem."""
     limits = rules.limits
     prompt = (prompt if isinstance(prompt, str) else "").strip()
@@ -140,6 +209,9 @@ def parse_request(rules: Rules, image, prompt, target, drafter, shape, chain_len
     if not drafter or drafter in ("vanilla", "none"):
         raise InputError("Pick a speculative drafter (vanilla decoding is always run as the baseline).")
     rules.policy.check(target, drafter)
+    rival_names, repeats = rivals_of(drafter, rivals, repeats)
+    for r in rival_names:
+        rules.policy.check(target, r)
     max_tokens, temperature, top_p, seed = _sampling(max_tokens, temperature, top_p, seed, limits.max_new_tokens)
     tree = tree_spec(shape, chain_len, budget, depth, topk)
     path = uploaded_file(image, rules.upload_dir, rules.examples)
@@ -148,4 +220,37 @@ def parse_request(rules: Rules, image, prompt, target, drafter, shape, chain_len
     img, note = open_image(path, limits)
     config = DecodeConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, tree=tree)
     config.check()
-    return RunRequest(path, img, prompt, target, drafter, tree, config, note)
+    return RunRequest(path, img, prompt, target, drafter, tree, config, note, rival_names, repeats)
+
+
+def _num(value, lo: float, hi: float, default: float) -> float:
+    """A number from a trace's free-form config, clamped to a control's range (default when not a number)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return min(max(x, lo), hi) if x == x else default
+
+
+def trace_settings(config: dict, prompt: str, drafters: list[str], token_limit: int,
+                   allowed: Collection[str] | None = None) -> dict[str, Any]:
+    """A replayed trace's settings as the page's control values, by control name. A trace is a visitor's
+    file: every number is clamped to its control's range, a shape the controls cannot show is left out,
+    and with `allowed` (public mode) so is a drafter not in the list."""
+    out: dict[str, Any] = {
+        "prompt": prompt, "temperature": _num(config.get("temperature"), 0.0, 2.0, 0.0),
+        "top_p": _num(config.get("top_p"), 0.05, 1.0, 1.0), "seed": int(_num(config.get("seed"), 0, 2**53, 0)),
+        "max_tokens": int(_num(config.get("max_new_tokens"), 1, token_limit, min(64, token_limit)))}
+    names = [n for n in drafters if allowed is None or n in allowed]
+    if names:
+        out.update(drafter=names[0], rivals=names[1:])
+    try:
+        shape = parse_tree_spec(str(config.get("tree", "")))
+    except (ValueError, InputError):
+        return out
+    if shape.kind == "chain":
+        out.update(shape="chain", chain_len=min(max(shape.depth, 1), 16))
+    elif shape.kind == "dynamic":
+        out.update(shape="tree (dynamic)", budget=min(max(shape.budget, 1), 128), depth=min(max(shape.depth, 1), 12),
+                   topk=min(max(shape.topk, 1), 10))
+    return out

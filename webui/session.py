@@ -1,5 +1,6 @@
 """Per-process and per-session bookkeeping, all bounded: the model cache, the runs that can be
-stopped, per-session rate limits and the trace files a session made.
+stopped, per-session rate limits, the trace files a session made, and the example runs already
+measured (RunCache).
 
 Nothing here grows with the number of requests or of session ids a visitor invents: the model cache
 has one entry per resolved model directory (aliases of one directory share it) and an LRU bound, the
@@ -7,6 +8,9 @@ stop table holds only runs in progress, and per-session tables evict their oldes
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -20,6 +24,47 @@ from PIL import Image
 from mmspec import DecodeConfig, Decoder, load_drafter, load_target
 
 MODEL_FREE = ("ngram", "random", "vanilla")
+try:  # glibc's malloc_trim (Linux); elsewhere freed memory is left to the allocator
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - fails here on a libc without it
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def release_memory() -> None:
+    """After a large trace: collect, and hand freed heap pages back to the OS (glibc), so one visitor's
+    big file does not stay in the server's resident memory."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def remove_file(path: str | Path) -> None:
+    """An uploaded trace is read once: its copy in Gradio's upload folder goes at once."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class RunCache:
+    """Example runs already measured, by request key, least recently stored evicted: clicking an
+    example twice replays the stored measurement instead of measuring again."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.items: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple | None):
+        with self.lock:
+            return None if key is None else self.items.get(key)
+
+    def put(self, key: tuple, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
 
 
 def model_key(name: str) -> str:
@@ -81,36 +126,41 @@ class ModelCache:
 
 
 class RunRegistry:
-    """Stop flags of the runs in progress, by session. A stop for a session with no run is a no-op,
-    so invented session ids add nothing."""
+    """Stop flags of the runs in progress (a measurement, a race replay), by session: Stop sets every
+    flag of its session, so a replay started during a measurement does not hide the measurement from
+    Stop. A stop for a session with no run is a no-op, so invented session ids add nothing."""
 
     def __init__(self):
-        self.events: dict[str, threading.Event] = {}
+        self.events: dict[str, list[threading.Event]] = {}
         self.lock = threading.Lock()
 
     @contextmanager
     def running(self, session: str) -> Iterator[threading.Event]:
         event = threading.Event()
         with self.lock:
-            self.events[session] = event
+            self.events.setdefault(session, []).append(event)
         try:
             yield event
         finally:
             with self.lock:
-                if self.events.get(session) is event:
-                    del self.events[session]
+                left = [e for e in self.events.get(session, []) if e is not event]
+                if left:
+                    self.events[session] = left
+                else:
+                    self.events.pop(session, None)
 
     def event(self, session: str) -> threading.Event:
-        """The flag of the session's run (a fresh unset one, not stored, when it has none)."""
+        """The flag of the session's latest run (a fresh unset one, not stored, when it has none)."""
         with self.lock:
-            return self.events.get(session) or threading.Event()
+            found = self.events.get(session)
+            return found[-1] if found else threading.Event()
 
     def stop(self, session: str) -> bool:
         with self.lock:
-            event = self.events.get(session)
-        if event is not None:
+            found = list(self.events.get(session, []))
+        for event in found:
             event.set()
-        return event is not None
+        return bool(found)
 
     def __len__(self) -> int:
         return len(self.events)
