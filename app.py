@@ -35,6 +35,7 @@ from gradio.utils import get_upload_folder
 
 from mmspec import InputError
 from mmspec.defaults import default_method
+from mmspec.drafters import registry
 from mmspec.load import ASSETS, DEFAULT_TARGET
 from mmspec.tree import TreeSpec, parse_tree_spec
 from viz import bench, card, charts, numbers, race, tokens, traceio
@@ -56,8 +57,6 @@ except ImportError:  # pragma: no cover - depends on the host
 log = logging.getLogger("mmspec.app")
 
 MODELS_DIR = ASSETS / "models"
-DEFAULT_DRAFT_VLM = MODELS_DIR / "mmspec-draft-vlm"
-DEFAULT_DRAFT_TEXT = MODELS_DIR / "mmspec-draft-text"
 DEFAULT_EXAMPLES = ASSETS / "examples"
 TRACE_DIR = Path(tempfile.mkdtemp(prefix="mmspec-traces-"))
 SPEEDS = [("½×", 0.5), ("1×", 1.0), ("2×", 2.0), ("4×", 4.0)]
@@ -138,30 +137,12 @@ class AppConfig:
 
 
 def _drafter_list(drafters: list | None) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+    """The drafter menu, (label, spec): the registry's shipped drafters plus MMSPEC_DRAFTERS, or the
+    configured list; the model-free drafters always end it."""
     if drafters is None:
-        if DEFAULT_DRAFT_VLM.exists():
-            out.append(("draft VLM (embedded, sees the image)", str(DEFAULT_DRAFT_VLM)))
-        if DEFAULT_DRAFT_TEXT.exists():
-            out.append(("text-only LM (embedded, blind to the image)", str(DEFAULT_DRAFT_TEXT)))
-        # Feature-level drafters (EAGLE family) trained for the embedded target, best first.
-        for feat in sorted(MODELS_DIR.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name)):
-            if (feat / "mmspec_drafter.json").exists():
-                out.append((f"feature drafter: {feat.name.removeprefix('mmspec-feat-')} (reads target features)", str(feat)))
-        head = MODELS_DIR / "mmspec-eagle3-head"
-        if (head / "config.json").exists():
-            out.append(("EAGLE-3 head (vLLM / SGLang format, reads 3 target layers)", str(head)))
-        for extra in filter(None, (os.environ.get("MMSPEC_DRAFTERS") or "").split(",")):
-            out.append((extra.strip(), extra.strip()))
-    else:
-        for d in drafters:
-            out.append(tuple(d) if isinstance(d, (tuple, list)) else (str(d), str(d)))
-    values = {v for _, v in out}
-    if "ngram" not in values:
-        out.append(("n-gram (prompt lookup)", "ngram"))
-    if "random" not in values:
-        out.append(("random (worst case)", "random"))
-    return out
+        extra = [(e.strip(), e.strip()) for e in (os.environ.get("MMSPEC_DRAFTERS") or "").split(",") if e.strip()]
+        return registry.choices(MODELS_DIR, extra)
+    return registry.choices(None, [tuple(d) if isinstance(d, (tuple, list)) else (str(d), str(d)) for d in drafters])
 
 
 def make_config(default_target=None, drafters=None, default_drafter=None, examples_dir=None, max_new_tokens_limit=None,

@@ -68,10 +68,8 @@ class Stopped(Exception):
 def target_entropy(target, image, prompt: str) -> list[float] | None:
     """The target's attention entropy per decoder layer over the prompt's text after the image; None
     for a family whose attention the engine cannot recompute exactly (mmspec.entropy refuses it)."""
-    try:  # the engine's own computation (test_app checks a run's trace carries it, so a move is caught)
-        from mmspec.feature_drafter import calibrate_entropy
-    except ImportError:
-        return None
+    from mmspec.drafters.feature.calibrate import calibrate_entropy
+
     try:
         profile = calibrate_entropy(target, [(image, prompt)])
     except (InputError, TypeError, ValueError, RuntimeError):

@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mmspec.drafters import registry
 from mmspec.errors import InputError
 from viz.schema import TraceLimits
 
-ALWAYS_DRAFTERS = ("ngram", "random")  # model-free: fine with any target
+ALWAYS_DRAFTERS = registry.model_free_names()  # fine with any target
 # Curated hub pairs offered in public mode besides the embedded models: target -> its drafters.
 # (Same tokenizer family; downloaded on first use in a Space. MMSPEC_PUBLIC_PAIRS replaces the list:
 # "target=drafter1|drafter2;target2=drafter3".)

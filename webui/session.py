@@ -22,8 +22,8 @@ from typing import Any, Iterator
 from PIL import Image
 
 from mmspec import DecodeConfig, Decoder, load_drafter, load_target
+from mmspec.drafters import registry
 
-MODEL_FREE = ("ngram", "random", "vanilla")
 try:  # glibc's malloc_trim (Linux); elsewhere freed memory is left to the allocator
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     _LIBC.malloc_trim  # noqa: B018 - fails here on a libc without it
@@ -98,7 +98,7 @@ class ModelCache:
             return tgt
 
     def drafter(self, name: str, target):
-        if name in MODEL_FREE:
+        if registry.is_model_free(name):
             return load_drafter(name, target)
         key = (model_key(name), model_key(target.name))
         with self.lock:
