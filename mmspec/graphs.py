@@ -8,6 +8,7 @@ runs eagerly, with one warning, and graphs of that kind stay off for the table.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -115,3 +116,19 @@ class DeviceNoise:
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
             self._gen = torch.Generator(device).manual_seed(seed)
         return torch.rand(depth, vocab, generator=self._gen, device=device)
+
+    def for_draft(self, spec, sampling, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor | None:
+        """The uniforms one device-drafted step of `spec` reads: [depth, vocab] for a chain, [depth,
+        topk, vocab] for a dynamic tree; None when greedy or when nothing is drafted (kind "none")."""
+        if spec.kind == "none" or sampling.greedy:
+            return None
+        shape = (spec.depth, spec.topk) if spec.kind == "dynamic" else (spec.depth,)
+        return self.uniforms(math.prod(shape), vocab, device, gen).view(*shape, vocab)
+
+
+def run_body(table: GraphTable, graphed: bool, key, body: Callable, inputs: tuple):
+    """body(*inputs), replayed from the table's CUDA graph for `key` when `graphed` (and decode
+    graphs still work for this table), else run eagerly: the same body either way."""
+    if graphed and table.usable("decode"):
+        return replay(table, key, body, inputs)
+    return body(*inputs)

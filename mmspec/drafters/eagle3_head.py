@@ -53,7 +53,6 @@ restricted to the draft vocabulary; `save_mmspec_head` writes a directory `--dra
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.files import target_fingerprint
 from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_sin, text_config
 from mmspec.errors import InputError
-from mmspec.graphs import DeviceNoise, GraphTable, replay
+from mmspec.graphs import DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
 from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
 from mmspec.verify import Sampling, draft_probs
@@ -681,18 +680,12 @@ class Eagle3HeadDrafter(Drafter):
         k, tree = len(new_tokens), spec.kind == "dynamic"
         self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
         ints = to_device(torch.tensor([req.n_cache, req.n_cache + req.rope_offset, *new_tokens], dtype=torch.long), dev)
-        noise = None
-        if spec.kind != "none" and not sampling.greedy:
-            shape = (spec.depth, spec.topk) if tree else (spec.depth,)
-            noise = self._noise.uniforms(math.prod(shape), self.cfg.vocab, dev, gen).view(*shape, self.cfg.vocab)
+        noise = self._noise.for_draft(spec, sampling, self.cfg.vocab, dev, gen)
         if tree:
             body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
         else:
             body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
-        if req.graphed and self.buf.graphs.usable("decode"):
-            out = replay(self.buf.graphs, ("step", k, spec, sampling, noise is None), body, (ints, noise))
-        else:
-            out = body(ints, noise)
+        out = run_body(self.buf.graphs, req.graphed, ("step", k, spec, sampling, noise is None), body, (ints, noise))
         req.n_cache += k
         req.forwards += (1 if k else 0) + max(spec.depth - 1, 0)
         return out

@@ -5,7 +5,6 @@ recognised and loaded as a drafter (`is_model_spec`, `load_model_drafter`, the r
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -103,10 +102,7 @@ class ModelDrafter(Drafter):
         cm = self.cm
         try:
             first = self._feed_pending(committed)[0]
-            shape = (spec.depth,) if spec.kind == "chain" else (spec.depth, spec.topk)
-            noise = None
-            if not sampling.greedy:
-                noise = self._noise.uniforms(math.prod(shape), first.shape[-1], first.device, gen).view(*shape, -1)
+            noise = self._noise.for_draft(spec, sampling, first.shape[-1], first.device, gen)
             if spec.kind == "dynamic":
                 return device_tree.to_proposal(cm.draft_tree(first, spec, sampling, noise), spec)
             return device_tree.chain_proposal(*cm.draft_chain(first, spec.depth, sampling, noise))

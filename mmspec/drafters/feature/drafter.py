@@ -6,7 +6,6 @@ prompt's entries in `plan`, saving and loading in `files`."""
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.calibrate import calibrate_entropy
 from mmspec.drafters.feature.net import FeatNet, Shared, make_config, size_report
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
-from mmspec.graphs import DeviceNoise, GraphTable, replay
+from mmspec.graphs import DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
 from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
 from mmspec.verify import Sampling, draft_probs
@@ -350,20 +349,13 @@ class FeatureDrafter(Drafter):
         k, tree = len(new_tokens), spec.kind == "dynamic"
         self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
         ints = to_device(torch.tensor([req.n_cache, req.n_fed, *new_tokens], dtype=torch.long), dev)
-        noise = None
-        if spec.kind != "none" and not sampling.greedy:
-            shape = (spec.depth, spec.topk) if tree else (spec.depth,)
-            vocab = self.net.shared.lm_head.weight.shape[0]
-            noise = self._noise.uniforms(math.prod(shape), vocab, dev, gen).view(*shape, vocab)
+        noise = self._noise.for_draft(spec, sampling, self.net.shared.lm_head.weight.shape[0], dev, gen)
         if tree:
             body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
         else:
             body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
-        if req.graphed and self.buf.graphs.usable("decode"):
-            key = ("step", k, spec, sampling, noise is None, req.global_image)
-            out = replay(self.buf.graphs, key, body, (ints, noise))
-        else:
-            out = body(ints, noise)
+        key = ("step", k, spec, sampling, noise is None, req.global_image)
+        out = run_body(self.buf.graphs, req.graphed, key, body, (ints, noise))
         req.n_cache += k
         req.n_fed += k
         req.forwards += (1 if k else 0) + (spec.depth - 1 if tree else max(spec.depth - 1, 0) // self.cfg.flash)
