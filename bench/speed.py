@@ -56,6 +56,7 @@ from mmspec.defaults import pick_fastest  # noqa: E402
 from mmspec.drafters import registry  # noqa: E402
 from mmspec.load import ASSETS  # noqa: E402
 from mmspec.world import held_out_seeds, sample_example  # noqa: E402
+from webui.measure import quantile  # noqa: E402 - the app's measurement protocol's statistics
 
 MODELS = ASSETS / "models"
 DEFAULT_DRAFTERS = registry.benchmarked(MODELS)  # every shipped drafter and ngram (random is not worth timing)
@@ -73,13 +74,6 @@ def load_prompts(n: int, kind: str) -> list[tuple[int, Any, str]]:
         image, qa, _ = sample_example(seed, None if kind == "mix" else kind)
         out.append((seed, image if qa.needs_image else None, qa.prompt))
     return out
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = q * (len(xs) - 1)
-    lo = int(k)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
 
 
 def sync(device: torch.device) -> None:
