@@ -68,17 +68,16 @@ def main() -> None:
                 print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
             torch.cuda.synchronize() if target.device.type == "cuda" else None
     if args.copies:
-        import mmspec.drafters
-        import mmspec.model
-        import mmspec.tree
+        from mmspec import kvcache
 
         def blocking(host, device):
             return host.to(device)
 
         for label in ("async pinned copies", "blocking copies"):
-            if label == "blocking copies":
-                for mod in (mmspec.model, mmspec.drafters, mmspec.tree):
-                    mod.to_device = blocking
+            if label == "blocking copies":  # every module that imported the copy helper by name
+                for mod in [m for n, m in sys.modules.items() if n.startswith("mmspec") and m is not None]:
+                    if getattr(mod, "to_device", None) is kvcache.to_device:
+                        mod.to_device = blocking
             for name, d in (("vanilla", None), (args.tree, drafter)):
                 gens = [generate(target, d, img, qa.prompt, cfg) for img, qa in examples]
                 steps = [s for g in gens for s in g.steps if s.kind != "prefill"]
