@@ -1,5 +1,6 @@
 """Drafting on the device: EAGLE-2 dynamic trees grown with fixed sizes (no host round trip per
-level), and the two pieces every device chain shares (`draw`, `chain_proposal`).
+level), the pieces every device chain shares (`draw`, `chain_proposal`) and the choice between
+device drafting and host-grown trees (`propose`).
 
 The same tree as `tree.grow_tree` for `dynamic:BUDGET,DEPTH,TOPK` (same ranking keys, same
 stable tie-breaks by pool index, children chosen as top-k or Gumbel-top-k of the drafter's q, so
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from mmspec.trace import DraftTree
-from mmspec.tree import Proposal, TreeSpec
+from mmspec.tree import NO_TREE, Proposal, TreeSpec, grow_tree
 from mmspec.verify import gumbel_scores
 
 Expand = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -146,3 +147,18 @@ def chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tens
     tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                      draft_probs=[0.0] * depth)
     return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
+
+
+def propose(run_step: Callable, expander: Callable, new: list[int], spec: TreeSpec, sampling, gen,
+            on_device: bool) -> Proposal:
+    """A drafter's proposal for `spec` once the tokens `new` are fed: with `on_device`, chains and
+    dynamic trees come from one device body, `run_step(new, spec, sampling, gen)`; other shapes (and
+    everything off the fast path) are grown by `tree.grow_tree` over `expander(sampling)` after
+    `run_step` has fed `new` (drafting nothing)."""
+    if on_device and spec.kind == "chain":
+        return chain_proposal(*run_step(new, spec, sampling, gen))
+    if on_device and spec.kind == "dynamic":
+        return to_proposal(run_step(new, spec, sampling, gen), spec)
+    if new:
+        run_step(new, NO_TREE, sampling, gen)
+    return grow_tree(expander(sampling), spec, not sampling.greedy, gen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Callable
@@ -96,6 +97,40 @@ def _capture(table: GraphTable, body: Callable, inputs: tuple, capturing: Callab
     with capturing(), torch.cuda.graph(graph, pool=table.pool):
         outputs = body(*bufs)
     return graph, bufs, outputs
+
+
+class BufferPool:
+    """Preallocated per-network drafter buffers, leased for one request and handed back by `finish`.
+    CUDA graphs captured over a lease hold its addresses, so reusing leases reuses their graphs.
+    `make(owner, cap, device, dtype)` builds one (with `cap`, `device`, `dtype` and `copy_from(old)`);
+    sizes are rounded up to 256 rows so that later prompts fit."""
+
+    def __init__(self, make: Callable):
+        self._make = make
+        self._free: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def lease(self, owner, rows: int, device: torch.device, dtype: torch.dtype):
+        free = self._free.setdefault(owner, [])
+        # Buffers of another device or dtype are dropped: the network moved or was cast since (training casts it).
+        free[:] = [buf for buf in free if (buf.device, buf.dtype) == (device, dtype)]
+        for i, buf in enumerate(free):
+            if buf.cap >= rows:
+                return free.pop(i)
+        return self._make(owner, -(-rows // 256) * 256, device, dtype)
+
+    def give_back(self, owner, buf) -> None:
+        if buf is not None:
+            self._free.setdefault(owner, []).append(buf)
+
+    def grown(self, owner, old, rows: int):
+        """`old` if it has room for `rows`, else a larger lease holding what `old` held (old is given
+        back; graphs are captured anew for the new one, which on the fast path is rare)."""
+        if rows <= old.cap:
+            return old
+        new = self.lease(owner, max(rows, 2 * old.cap), old.device, old.dtype)
+        new.copy_from(old)
+        self.give_back(owner, old)
+        return new
 
 
 class DeviceNoise:

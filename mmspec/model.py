@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -56,8 +55,12 @@ def last_layer_device(model) -> torch.device:
 class _Static:
     """A leased StaticKV with the graphs captured over it (they hold its buffers' addresses)."""
 
-    def __init__(self, capacity: int, device: torch.device, n_layers: int | None):
-        self.cache = kvcache.StaticKV(capacity, n_layers)
+    dtype = None  # the cache takes the model's dtype when first written
+
+    def __init__(self, model, capacity: int, device: torch.device, dtype=None):
+        config = getattr(model.config, "text_config", model.config)
+        self.cap, self.device = capacity, device
+        self.cache = kvcache.StaticKV(capacity, getattr(config, "num_hidden_layers", None))
         self.cols = torch.arange(capacity, device=device)
         self.key_pos = torch.arange(capacity, device=device)  # sequence position of each cache row (for windows)
         # keys: forward ((padded q, position shape, tail width), hidden), chain ("chain", depth,
@@ -66,19 +69,7 @@ class _Static:
         self.graphs = graphs.GraphTable(device)
 
 
-_FREE: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Static]]" = weakref.WeakKeyDictionary()
-
-
-def _lease(model, capacity: int, device: torch.device) -> _Static:
-    free = _FREE.setdefault(model, [])
-    for i, st in enumerate(free):
-        if st.cache.capacity >= capacity:
-            return free.pop(i)
-    config = getattr(model.config, "text_config", model.config)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    return _Static(-(-capacity // 256) * 256, device, n_layers)  # rounded up so later prompts can reuse it
-
-
+_STATIC = graphs.BufferPool(_Static)  # per model: a later request reuses a lease and its graphs
 
 
 def cache_argument(model) -> str:
@@ -117,7 +108,7 @@ class CachedModel:
     def release(self) -> None:
         """Give the static buffers (and their graphs) back for the next generation on this model."""
         if self._static is not None:
-            _FREE.setdefault(self.model, []).append(self._static)
+            _STATIC.give_back(self.model, self._static)
             self._static = None
             self.cache = None
 
@@ -153,7 +144,7 @@ class CachedModel:
         embedded target on an H100, 3.4 ms replayed)."""
         self.release()
         P = ids.shape[1]
-        st = self._static = _lease(self.model, P + self.room, self.device)
+        st = self._static = _STATIC.lease(self.model, P + self.room, self.device, None)
         self.cache = st.cache
         self.cache.length = 0
         graphed = self.graphs and st.graphs.usable("prefill")

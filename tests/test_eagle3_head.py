@@ -461,6 +461,7 @@ def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
     continuation (a chain-shaped static tree: grown by grow_tree, which the test replaces), at the
     first step and at a later one after `m` committed entries (fed by the step body)."""
     import mmspec.drafters.eagle3_head as e3
+    from mmspec import device_tree
     from mmspec.tree import TreePool, _finish
 
     tgt = target(tdir, family)
@@ -483,7 +484,7 @@ def test_training_unroll_matches_drafting(tdir, tmp_path, family, monkeypatch):
             parent = pool.add(full[root + 2 + j], parent, 0.0, 0.0)
         return _finish(pool, list(range(len(pool.tokens))), q)
 
-    monkeypatch.setattr(e3, "grow_tree", forced_chain)
+    monkeypatch.setattr(device_tree, "grow_tree", forced_chain)  # static shapes are grown there
     tm = CachedModel(tgt.model, tgt.family)
     tm.prefill(inputs)
     d.start(DraftContext(img, PROMPT, full[:P], tgt, tm, aux[:P].view(P, 3, -1).transpose(0, 1), None, False, inputs))

@@ -10,7 +10,7 @@ import torch
 import mmspec.drafters.feature.drafter as fdm
 from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, Decoder, InputError, generate, load_drafter, load_target
-from mmspec import entropy
+from mmspec import device_tree, entropy
 from mmspec.drafters.feature.drafter import create_feature_drafter
 from mmspec.drafters.feature.files import load_feature_drafter, save_feature_drafter
 from mmspec.drafters.feature.net import VARIANTS, FeatConfig
@@ -169,7 +169,7 @@ def test_training_forward_matches_inference(tiny_dir, variant, monkeypatch):
             parent = pool.add(full[n + k], parent, float(row[full[n + k]]), 0.0)
         return _finish(pool, list(range(len(pool.tokens))), q)
 
-    monkeypatch.setattr(fdm, "grow_tree", forced_chain)
+    monkeypatch.setattr(device_tree, "grow_tree", forced_chain)  # off the fast path trees are grown there
     propose = d.propose
 
     def spy(committed, *a):

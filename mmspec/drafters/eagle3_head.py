@@ -53,7 +53,6 @@ restricted to the draft vocabulary; `save_mmspec_head` writes a directory `--dra
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +66,9 @@ from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.files import target_fingerprint
 from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_sin, text_config
 from mmspec.errors import InputError
-from mmspec.graphs import DeviceNoise, GraphTable, run_body
+from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
-from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.tree import TreePool, TreeSpec, tree_attention
 from mmspec.verify import Sampling, draft_probs
 
 ARCH = "LlamaForCausalLMEagle3"
@@ -464,17 +463,7 @@ def _axes(c: HeadConfig) -> int:
     return 1 if c.mrope_section is None else 3
 
 
-_FREE_BUFFERS: "weakref.WeakKeyDictionary[Eagle3Head, list[_Buffers]]" = weakref.WeakKeyDictionary()
-
-
-def _lease(head: Eagle3Head, rows: int, device: torch.device, dtype: torch.dtype) -> _Buffers:
-    free = _FREE_BUFFERS.setdefault(head, [])
-    # Buffers of another device or dtype are dropped: the head moved or was cast since (training casts it).
-    free[:] = [buf for buf in free if (buf.device, buf.dtype) == (device, dtype)]
-    for i, buf in enumerate(free):
-        if buf.cap >= rows:
-            return free.pop(i)
-    return _Buffers(head, -(-rows // 256) * 256, device, dtype)  # rounded up so later prompts reuse it
+_BUFFERS = BufferPool(_Buffers)
 
 
 @dataclass
@@ -537,7 +526,7 @@ class Eagle3HeadDrafter(Drafter):
         P = len(ctx.prompt_ids)
         # The fast path's room bounds every row a request writes; eagerly the buffers grow instead.
         fast = ctx.cache_room is not None
-        self.buf = _lease(self.head, P + (ctx.cache_room if fast else 256), self._dev, self._dt)
+        self.buf = _BUFFERS.lease(self.head, P + (ctx.cache_room if fast else 256), self._dev, self._dt)
         self.buf.feats[:P] = self._fc(ctx.target_hidden)  # rows in target_layers order = ascending = fc's order
         mrope = self.cfg.mrope_section is not None
         offset = ctx.target_cache.rope_offset if mrope and ctx.target_cache is not None else 0
@@ -546,8 +535,7 @@ class Eagle3HeadDrafter(Drafter):
         self._noise.reset()
 
     def finish(self) -> None:
-        if self.buf is not None:
-            _FREE_BUFFERS.setdefault(self.head, []).append(self.buf)
+        _BUFFERS.give_back(self.head, self.buf)
         self.buf, self.req = None, None
 
     def _fc(self, aux: torch.Tensor) -> torch.Tensor:
@@ -584,14 +572,8 @@ class Eagle3HeadDrafter(Drafter):
         r.n_feat += k
 
     def _reserve(self, rows: int) -> None:
-        """Room for `rows` entries: larger buffers take over (graphs are captured anew for them; on
-        the fast path the engine's room makes this rare)."""
-        old = self.buf
-        if rows <= old.cap:
-            return
-        self.buf = _lease(self.head, max(rows, 2 * old.cap), self._dev, self._dt)
-        self.buf.copy_from(old)
-        _FREE_BUFFERS.setdefault(self.head, []).append(old)
+        """Room for `rows` entries (on the fast path the engine's room makes growing rare)."""
+        self.buf = _BUFFERS.grown(self.head, self.buf, rows)
 
     # --- the head over the buffers ----------------------------------------------------------------
     def _forward(self, hidden_in, tokens, pos, rows, allowed=None) -> torch.Tensor:
@@ -701,14 +683,8 @@ class Eagle3HeadDrafter(Drafter):
         if req.n_cache == 0:
             self._feed_prompt(seq, upto)
         new = seq[req.n_cache + 1 : upto + 2]  # token p + 1 of each entry p not yet fed
-        if spec.kind == "chain":
-            prop = device_tree.chain_proposal(*self._run_step(new, spec, sampling, gen))
-        elif spec.kind == "dynamic":
-            prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
-        else:
-            if new:
-                self._run_step(new, NO_TREE, sampling, gen)
-            prop = grow_tree(self._tree_expander(sampling), spec, not sampling.greedy, gen)
+        # Chains and dynamic trees on the device on both paths: eagerly the same bodies run unrecorded.
+        prop = device_tree.propose(self._run_step, self._tree_expander, new, spec, sampling, gen, on_device=True)
         prop.extras = {"drafter_forwards": req.forwards}
         return prop
 

@@ -6,7 +6,6 @@ prompt's entries in `plan`, saving and loading in `files`."""
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +16,9 @@ from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.calibrate import calibrate_entropy
 from mmspec.drafters.feature.net import FeatNet, Shared, make_config, size_report
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
-from mmspec.graphs import DeviceNoise, GraphTable, run_body
+from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
-from mmspec.tree import NO_TREE, TreePool, TreeSpec, grow_tree, tree_attention
+from mmspec.tree import TreePool, TreeSpec, tree_attention
 from mmspec.verify import Sampling, draft_probs
 
 
@@ -34,7 +33,7 @@ class _Buffers:
 
     def __init__(self, net: FeatNet, cap: int, device: torch.device, dtype: torch.dtype):
         c = net.cfg
-        self.cap = cap
+        self.cap, self.device, self.dtype = cap, device, dtype
         z = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         self.kv = [(z(1, c.kv_heads, cap, c.head_dim), z(1, c.kv_heads, cap, c.head_dim)) for _ in net.layers]
         self.F = {idx: z(cap, c.hidden) for idx in net.target_layers}
@@ -67,15 +66,7 @@ class _Buffers:
         self.root.copy_(old.root)
 
 
-_FREE_BUFFERS: "weakref.WeakKeyDictionary[FeatNet, list[_Buffers]]" = weakref.WeakKeyDictionary()
-
-
-def _lease(net: FeatNet, rows: int, device: torch.device, dtype: torch.dtype) -> _Buffers:
-    free = _FREE_BUFFERS.setdefault(net, [])
-    for i, buf in enumerate(free):
-        if buf.cap >= rows:
-            return free.pop(i)
-    return _Buffers(net, -(-rows // 256) * 256, device, dtype)  # rounded up so later prompts reuse it
+_BUFFERS = BufferPool(_Buffers)
 
 
 @dataclass
@@ -148,7 +139,7 @@ class FeatureDrafter(Drafter):
         P = len(ids)
         # The fast path's room bounds every row a request writes; eagerly the buffers grow instead.
         fast = ctx.cache_room is not None
-        buf = self.buf = _lease(net, P + (ctx.cache_room if fast else 256), dev, self._dt)
+        buf = self.buf = _BUFFERS.lease(net, P + (ctx.cache_room if fast else 256), dev, self._dt)
         hid = ctx.target_hidden.to(dev, self._dt)  # [n_layers, P, H]
         for idx, r in self._row.items():
             buf.F[idx][:P] = hid[r]
@@ -177,8 +168,7 @@ class FeatureDrafter(Drafter):
         self._noise.reset()
 
     def finish(self) -> None:
-        if self.buf is not None:
-            _FREE_BUFFERS.setdefault(self.net, []).append(self.buf)
+        _BUFFERS.give_back(self.net, self.buf)
         self.buf, self.req = None, None
 
     def _saliency(self, ctx, span, P) -> torch.Tensor:
@@ -207,14 +197,8 @@ class FeatureDrafter(Drafter):
         req.n_feat += k
 
     def _reserve(self, rows: int) -> None:
-        """Room for `rows` entries / features: larger buffers take over (graphs are captured anew
-        for them; on the fast path the engine's room makes this rare)."""
-        old = self.buf
-        if rows <= old.cap:
-            return
-        self.buf = _lease(self.net, max(rows, 2 * old.cap), self._dev, self._dt)
-        self.buf.copy_from(old)
-        _FREE_BUFFERS.setdefault(self.net, []).append(old)
+        """Room for `rows` entries / features (on the fast path the engine's room makes growing rare)."""
+        self.buf = _BUFFERS.grown(self.net, self.buf, rows)
 
     # --- network pieces over the buffers ----------------------------------------------------------
     def _embed(self, toks: torch.Tensor) -> torch.Tensor:
@@ -374,14 +358,7 @@ class FeatureDrafter(Drafter):
         new = seq[req.n_fed + 1 : upto + 2]  # token[p + 1] of each position p not yet fed
         # On the fast path chains and (single-head) dynamic trees are drafted on the device.
         on_device = req.fast_path and (spec.kind == "chain" or spec.kind == "dynamic" and self.cfg.flash == 1)
-        if on_device and spec.kind == "chain":
-            prop = device_tree.chain_proposal(*self._run_step(new, spec, sampling, gen))
-        elif on_device:
-            prop = device_tree.to_proposal(self._run_step(new, spec, sampling, gen), spec)
-        else:
-            if new:
-                self._run_step(new, NO_TREE, sampling, gen)
-            prop = grow_tree(self._tree_expander(sampling), spec, not sampling.greedy, gen)
+        prop = device_tree.propose(self._run_step, self._tree_expander, new, spec, sampling, gen, on_device)
         prop.extras = {"drafter_forwards": req.forwards}
         if req.visual_map is not None:
             prop.extras["visual_map"] = req.visual_map
