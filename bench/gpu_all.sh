@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU number of the project in one command (one lent-GPU call of < 10 minutes):
 #   TRAIN_MIN=4.8 bash bench/gpu_all.sh OUTDIR
-# 1. with TRAIN_MIN > 0: the feature drafters (one trainer process per set of TRAIN_SETS, default the
-#    four most distinct variants and the other seven, 4096 prompts each; SAMPLED_FRAC of the
-#    answers sampled, UNROLL training-time-test steps) and the EAGLE-3 format head (HEAD_ARGS;
-#    TRAIN_HEAD=0: not) retrained by self-distillation,
+# 1. with TRAIN_MIN > 0: the feature drafters (one trainer process per set of TRAIN_SETS, each
+#    "variants:pool[:unroll]", default the three most distinct FeatNet variants and the other seven,
+#    4096 prompts each; SAMPLED_FRAC of the answers sampled, UNROLL training-time-test steps where a
+#    set names none, FEAT_ARGS passed on, e.g. "--init assets/models --lr 1e-3" to continue the
+#    shipped drafters) and the EAGLE-3 format head mmspec-feat-eagle3 (HEAD_ARGS; TRAIN_HEAD=0: not)
+#    retrained by self-distillation,
 #    side by side, while the CUDA losslessness tests run (fp32, CHECKS_S seconds, 0 skips them);
 #    the new drafters replace those in assets/models for what follows;
 # 2. then, alone on the GPU so timings are clean: the speed benchmark on describe prompts (T=0 and
 #    T=1, SPEED_ARGS, SPEED_S) which records the fastest method as the default
 #    (assets/default_method.json), the same on mixed short-answer prompts (MIX_ARGS, T=0), and the
-#    7B scale projection with the measured tau (SCALE=0 skips it).
+#    7B scale projection with the measured tau (SCALE=0 skips it), and with DIV_DRAFTERS (comma-
+#    separated) bench/divergence.py's bf16 margins for each (DIV_N prompts).
 # Logs, results.tar (JSON, markdown, figures) and tarred drafters land in OUTDIR (few files: the
 # device tool returns at most 8).
 set -uo pipefail
@@ -28,15 +31,17 @@ if [ "$TRAIN_MIN" != 0 ]; then
   # Half the answers sampled at T=1: drafters trained on greedy answers alone lose most of their
   # acceptance on sampled prefixes (bench/results: T=1 tau fell to half of T=0's).
   frac=${SAMPLED_FRAC:-0.5}
-  feat="--device cuda --out .out/feat --batch 128 --sampled-frac $frac --time-budget-min $TRAIN_MIN ${UNROLL:+--unroll $UNROLL}"
+  feat="--device cuda --out .out/feat --batch 128 --sampled-frac $frac --time-budget-min $TRAIN_MIN ${FEAT_ARGS:-}"
   i=0
-  for set in ${TRAIN_SETS:-eagle3,dream,vispec,aasd:4096 eagle,pool2,pool4,topk,msd,flash,dream_topk:4096}; do
-    i=$((i + 1))  # one trainer per set (variants:pool), side by side
-    ( timeout $lim python3 -m mmspec.train_feature --variant ${set%%:*} --pool ${set##*:} $feat \
+  for set in ${TRAIN_SETS:-dream,vispec,aasd:4096 eagle,pool2,pool4,topk,msd,flash,dream_topk:4096}; do
+    i=$((i + 1))  # one trainer per set (variants:pool[:unroll]), side by side
+    IFS=: read -r variants pool unroll <<<"$set"
+    unroll=${unroll:-${UNROLL:-}}
+    ( timeout $lim python3 -m mmspec.train_feature --variant $variants --pool $pool $feat ${unroll:+--unroll $unroll} \
         >$R/train_feat$i.log 2>&1 ) &
   done
   if [ "${TRAIN_HEAD:-1}" != 0 ]; then
-    ( timeout $lim python3 -m mmspec.train_eagle3 --out .out/feat/mmspec-eagle3-head --device cuda --sampled-frac $frac \
+    ( timeout $lim python3 -m mmspec.train_eagle3 --out .out/feat/mmspec-feat-eagle3 --device cuda --sampled-frac $frac \
         --time-budget-min $TRAIN_MIN ${HEAD_ARGS:-} >$R/train_eagle3.log 2>&1 ) &
   fi
 fi
@@ -83,4 +88,10 @@ timeout ${SCALE_S:-90} python3 bench/scale.py --device cuda --dtype bfloat16 ${T
   --out $R/scale_gpu.json >>"$LOG" 2>&1
 fi
 tar cf "$OUT_DIR/results.tar" -C $R .
+for d in $(echo "${DIV_DRAFTERS:-}" | tr , " "); do
+  echo "--- divergence $d" >>"$LOG"
+  timeout ${DIV_S:-60} python3 bench/divergence.py --target $M/mmspec-target --drafter $M/$d --device cuda \
+    --dtype bfloat16 --n ${DIV_N:-12} --trees "chain:12,dynamic:24,5,4" --out $R/divergence_$d.json >>"$LOG" 2>&1
+  tar cf "$OUT_DIR/results.tar" -C $R .
+done
 ls -la "$OUT_DIR" >>"$LOG"

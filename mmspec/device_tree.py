@@ -135,7 +135,7 @@ def to_proposal(t: DeviceTree, spec: TreeSpec) -> Proposal:
 def draw(q: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One chain token from q [V] on the device: the argmax of log q (greedy) or of log q plus
     Gumbel noise from `uniform` [V] (a sample from q). Returns the token [1] and its q [1]."""
-    score = q.log() if uniform is None else gumbel_scores(q.log(), uniform)
+    score = q if uniform is None else gumbel_scores(q.log(), uniform)  # greedy: log is monotone, skip it
     token = score.argmax().view(1)
     return token, q.gather(0, token)
 

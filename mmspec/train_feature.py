@@ -482,6 +482,8 @@ def parse_args(argv=None):
     ap.add_argument("--engine-tree", default="dynamic:24,5,4")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, metavar="DIR",
+                    help="start each variant from DIR/mmspec-feat-VARIANT, saved by an earlier run (same recipe; the unroll may differ)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: few steps, small batches and pool")
     ap.add_argument("--profile", action="store_true", help="synchronise and report time per phase and variant")
     args = ap.parse_args(argv)
@@ -570,11 +572,31 @@ def make_nets(variants, target, choice, args):
         unroll = 2 if args.smoke else args.unroll
         cfg = make_config(v, target.model, choice, **({"unroll": unroll} if unroll else {}))
         net = FeatNet(cfg, Shared(target.model)).to(dev).train()
+        if args.init:
+            _start_from(net, Path(args.init) / f"mmspec-feat-{v}", target)
         nets[v] = net
         opts[v] = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                     **({"fused": True} if dev.type == "cuda" else {}))
         log(f"[feat] {v}: {size_report(net)} options {cfg.options()}")
     return nets, opts
+
+
+def _start_from(net: FeatNet, path: Path, target) -> None:
+    """--init: this variant's weights from a drafter saved before (a longer run in several calls)."""
+    saved = load_feature_drafter(path, target).net
+    mine, theirs = net.cfg.options(), saved.cfg.options()
+    diff = sorted(k for k in set(mine) | set(theirs) if k != "unroll" and mine.get(k) != theirs.get(k))
+    if diff:
+        raise InputError(f"--init {path} is a differently built drafter ({', '.join(diff)} differ)")
+    net.load_state_dict({k: t.to(next(net.parameters()).dtype) for k, t in saved.state_dict().items()})
+    log(f"[feat] {net.cfg.variant}: starting from {path}")
+
+
+def _earlier_training(path: Path) -> dict:
+    """What the --init drafter's own record says of its training (steps, samples, and its own start)."""
+    meta = json.loads((path / "mmspec_drafter.json").read_text())
+    t = meta.get("training") or {}
+    return {k: t.get(k) for k in ("trained_steps", "samples", "train_seconds", "initialised_from", "hardware")}
 
 
 def needs(nets) -> dict:
@@ -765,6 +787,7 @@ def save_all(nets, target, args, t_run, deadline, ctx) -> dict:
             "trained_steps": len(hist), "best_step": best_step, "stopped": run["stopped"], "batch": args.batch,
             "eval_every": args.eval_every, "patience": args.patience,
             "samples": len(hist) * args.batch, "lr": args.lr, "train_seconds": round(run["seconds"], 1),
+            "initialised_from": _earlier_training(Path(args.init) / f"mmspec-feat-{v}") if args.init else None,
             "hardware": hardware(dev), "pool": ctx["pool"], "held_out": ctx["held"], **size_report(net),
             "curve": track.rows(v), "quality": {"heldout": best, "before_training": ctx["before"][v]},
             "loss_first10": round(float(np.mean(hist[:10])), 4) if hist else None,
@@ -772,6 +795,7 @@ def save_all(nets, target, args, t_run, deadline, ctx) -> dict:
         }
         save_feature_drafter(d, path, extra={"training": {k: info[k] for k in (
             "steps", "trained_steps", "best_step", "stopped", "batch", "samples", "lr", "train_seconds", "hardware",
+            "initialised_from",
             "loss_first10", "loss_last10", "pool", "held_out", "curve")}, "quality": info["quality"]})
         if eng_seeds and (deadline is None or time.time() < t_run + 60 * args.time_budget_min - 10):
             info["quality"]["engine"] = engine_check(path, target, eng_seeds, args, vanilla_cache)

@@ -11,6 +11,7 @@ from mmspec import load_target
 from mmspec import train_feature as tf
 from mmspec.drafters.feature.drafter import create_feature_drafter
 from mmspec.drafters.feature.net import VARIANTS
+from mmspec.errors import InputError
 from mmspec.train_feature_data import FeatureCache, item_loader, target_answers, with_answers
 from mmspec.world import default_calibration
 
@@ -149,3 +150,17 @@ def test_generation_chunks_keep_descriptions_apart_and_sample_a_share():
             assert 0 <= k <= n
             answered, sampled = answered + n, sampled + k
             assert abs(sampled - frac * answered) <= 0.5  # the share holds after every chunk, not just at the end
+
+
+@pytest.mark.slow
+def test_init_continues_from_a_saved_drafter(tmp_path):
+    """--init starts from the saved weights: the second run's held-out accuracy before training is
+    the first run's after it (the same held-out prompts), and its record names where it started."""
+    args = ["--variant", "eagle", "--smoke", "--device", "cpu", "--engine-eval", "0"]
+    first = tf.main(args + ["--out", str(tmp_path / "a")])["eagle"]
+    second = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")])["eagle"]
+    assert second["quality"]["before_training"]["acc0"] == first["quality"]["heldout"]["acc0"]
+    assert second["initialised_from"]["trained_steps"] == first["trained_steps"]
+    with pytest.raises(InputError, match="differently built"):
+        tf.main(["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0",
+                            "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a")])

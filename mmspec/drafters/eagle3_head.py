@@ -64,7 +64,7 @@ from torch import nn
 from mmspec import device_tree
 from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.files import target_fingerprint
-from mmspec.drafters.feature.net import RMSNorm, apply_rope, attend, rope_cos_sin, text_config
+from mmspec.drafters.feature.net import RMSNorm, RopeTable, add_linear, apply_rope, attend, rope_cos_sin, rope_of_angles, text_config
 from mmspec.errors import InputError
 from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
@@ -294,8 +294,12 @@ class _MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
         self.act = ACTS[c.act]
 
+    def inner(self, x):
+        """The activations down_proj reads."""
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.inner(x))
 
 
 class _Midlayer(nn.Module):
@@ -350,8 +354,7 @@ class Eagle3Head(nn.Module):
         inv = 1.0 / (c.rope_theta ** (half / c.head_dim))
         axes = self.rope_axes.to(positions.device)
         f = positions.reshape(-1, 3, T).float()[:, axes].transpose(1, 2) * inv  # [B, T, d/2]
-        emb = torch.cat((f, f), -1)[:, None]
-        return emb.cos(), emb.sin()
+        return rope_of_angles(torch.cat((f, f), -1)[:, None])
 
     def step(self, hidden_in, token_emb, rope, mask, past=None):
         """One pass of the midlayer over new entries.
@@ -376,18 +379,25 @@ class Eagle3Head(nn.Module):
             K, V = past[0].index_copy_(2, write_rows, k), past[1].index_copy_(2, write_rows, v)
         else:
             K, V = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        x = residual + m.self_attn.o_proj(attend(q, K, V, mask))
-        return x + m.mlp(m.post_attention_layernorm(x)), (k, v)
+        x = add_linear(residual, attend(q, K, V, mask), m.self_attn.o_proj)
+        return add_linear(x, m.mlp.inner(m.post_attention_layernorm(x)), m.mlp.down_proj), (k, v)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x)) * self.cfg.logit_scale
+        out = self.lm_head(self.norm(x))
+        return out if self.cfg.logit_scale == 1.0 else out * self.cfg.logit_scale
 
     def target_ids(self) -> torch.Tensor:
         return torch.arange(self.cfg.draft_vocab, device=self.d2t.device) + self.d2t
 
-    def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits [.., Vd] -> target-vocabulary logits [.., V], -inf off the draft vocabulary."""
-        ids = self.target_ids().expand(*logits.shape[:-1], -1)  # a scatter: no host sync inside a CUDA graph
+    def full_vocab(self) -> bool:
+        """Draft id i is target id i for every i (no scatter needed; one host read, call it once)."""
+        return self.cfg.draft_vocab == self.cfg.vocab and not bool(self.d2t.any())
+
+    def target_logits(self, logits: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft-vocabulary logits [.., Vd] -> target-vocabulary logits [.., V], -inf off the draft
+        vocabulary. ids: `target_ids()` computed once by the caller (drafting), else here."""
+        ids = (self.target_ids() if ids is None else ids).expand(*logits.shape[:-1], -1)
+        # a scatter: no host sync inside a CUDA graph
         return logits.new_full((*logits.shape[:-1], self.cfg.vocab), float("-inf")).scatter(-1, ids, logits)
 
 
@@ -447,6 +457,11 @@ class _Buffers:
         self.cols = torch.arange(cap, device=device)
         self.root = z(c.hidden)
         self.root_pos = torch.zeros(_axes(c), 1, dtype=torch.long, device=device)
+        # 1-D heads look RoPE rows up: positions are sequence indices, below cap.
+        self.rope = RopeTable(cap, c.head_dim, c.rope_theta, device, dtype) if c.mrope_section is None else None
+        # Draft ids to target ids (None: the identity, no scatter). Here, not per request: a captured
+        # graph reads it at this address for as long as the buffers live.
+        self.ids = None if head.full_vocab() else head.target_ids().to(device)
         self.graphs = GraphTable(device)
 
     def copy_from(self, old: "_Buffers") -> None:
@@ -584,12 +599,16 @@ class Eagle3HeadDrafter(Drafter):
         if allowed is None:
             allowed = buf.cols[None, :] <= rows[:, None]
         emb = head.embed(tokens)[None]
-        x, _ = head.layer(hidden_in[None], emb, head.rope(pos), allowed[None], (buf.k, buf.v), rows)
+        rope = buf.rope(pos) if buf.rope is not None else head.rope(pos)
+        x, _ = head.layer(hidden_in[None], emb, rope, allowed[None], (buf.k, buf.v), rows)
         return x[0]
 
     def _probs(self, x: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         """q over the target vocabulary after pre-norm states x [T, H] (0 off the draft vocabulary)."""
-        return draft_probs(self.head.target_logits(self.head.logits(x).float()), sampling)
+        logits = self.head.logits(x).float()
+        if self.buf.ids is not None:
+            logits = self.head.target_logits(logits, self.buf.ids)
+        return draft_probs(logits, sampling)
 
     def _set_root(self, x: torch.Tensor, pos: torch.Tensor) -> None:
         self.buf.root.copy_(x[-1])
@@ -632,6 +651,9 @@ class Eagle3HeadDrafter(Drafter):
         root's position + d + 1, with the pre-norm x that predicted it."""
         buf = self.buf
         x, toks, probs, rows = buf.root[None], [], [], []
+        # index arithmetic once per body, slices per forward (each tensor op is a kernel on the device)
+        steps = torch.arange(max(depth, 1), device=buf.root.device)
+        node_pos, node_row = buf.root_pos + 1 + steps, row + steps
         for d in range(depth):
             q = self._probs(x, sampling)[0]
             token, q_token = device_tree.draw(q, None if noise is None else noise[d])
@@ -639,7 +661,7 @@ class Eagle3HeadDrafter(Drafter):
             probs.append(q_token)
             rows.append(q)
             if d + 1 < depth:
-                x = self._forward(x, token, buf.root_pos + d + 1, (row + d).view(1))
+                x = self._forward(x, token, node_pos[:, d : d + 1], node_row[d : d + 1])
         return torch.cat(toks), torch.cat(probs), torch.stack(rows)
 
     def _tree_body(self, k: int, spec: TreeSpec, sampling: Sampling, ints, noise) -> device_tree.DeviceTree:

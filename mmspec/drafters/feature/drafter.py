@@ -14,8 +14,9 @@ import torch
 from mmspec import device_tree
 from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.calibrate import calibrate_entropy
-from mmspec.drafters.feature.net import FeatNet, Shared, make_config, size_report
+from mmspec.drafters.feature.net import FeatNet, RopeTable, Shared, make_config, size_report
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
+from mmspec.errors import InputError
 from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
 from mmspec.tree import TreePool, TreeSpec, tree_attention
@@ -28,30 +29,47 @@ _BIG = 2**62  # DREAM memory rows not yet written carry this position: no entry 
 class _Buffers:
     """Preallocated state of one drafter network, leased per network and reused by later requests
     (CUDA graphs captured over it hold these addresses): its KV cache, the target features it
-    reads, DREAM's memory, AASD's projected target cache, ViSpec's global vector and the root's
-    predicted features. Rows past what a request wrote are stale and masked out."""
+    reads, DREAM's memory, AASD's projected target cache, ViSpec's global vector, the root's
+    predicted features and a RoPE table. Rows past what a request wrote are stale and masked out.
+
+    AASD's projected target cache lives in the same key/value buffers as the drafter's own rows
+    (rows cap.. of its one layer), so a forward attends over one buffer instead of concatenating
+    both every step; `order` gives each key row the last own row that may not see it: row i of
+    the drafter's own is seen by entries at rows >= i, a target-cache row by every entry (-1) or
+    none (past the prompt's rows)."""
 
     def __init__(self, net: FeatNet, cap: int, device: torch.device, dtype: torch.dtype):
         c = net.cfg
+        if c.aasd and len(net.layers) != 1:
+            raise InputError("an aasd drafter reads the target's cache in its one layer; this one has "
+                             f"{len(net.layers)} layers")
         self.cap, self.device, self.dtype = cap, device, dtype
         z = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        self.kv = [(z(1, c.kv_heads, cap, c.head_dim), z(1, c.kv_heads, cap, c.head_dim)) for _ in net.layers]
+        width = 2 * cap if c.aasd else cap
+        self.kv = [(z(1, c.kv_heads, width, c.head_dim), z(1, c.kv_heads, width, c.head_dim)) for _ in net.layers]
         self.F = {idx: z(cap, c.hidden) for idx in net.target_layers}
         self.cols = torch.arange(cap, device=device)
+        self.order = torch.cat([self.cols, torch.full((width - cap,), _BIG, device=device)])
         m = len(c.dream_layers) * cap
         self.cross = ((z(1, c.kv_heads, m, c.head_dim), z(1, c.kv_heads, m, c.head_dim),
                        torch.full((m,), _BIG, dtype=torch.long, device=device)) if net.cross is not None else None)
-        self.aasd = (z(1, c.kv_heads, cap, c.head_dim), z(1, c.kv_heads, cap, c.head_dim)) if c.aasd else None
-        self.aasd_n = torch.zeros((), dtype=torch.long, device=device)  # prompt rows in `aasd`
+        self.aasd = (self.kv[0][0][:, :, cap:], self.kv[0][1][:, :, cap:]) if c.aasd else None
         self.g = z(c.hidden) if c.global_image else None
         self.root = z(c.flash, c.hidden)  # predicted features after the last committed entry
+        # RoPE positions stay below 2 * cap: the prompt's (< P <= cap) plus one per entry fed since.
+        self.rope = RopeTable(2 * cap, c.head_dim, c.rope_theta, device, dtype)
         self.graphs = GraphTable(device)
+
+    def set_aasd_rows(self, n: int) -> None:
+        """The first n target-cache rows are every entry's to see, the rest nobody's."""
+        self.order[self.cap : self.cap + n] = -1
+        self.order[self.cap + n :] = _BIG
 
     def copy_from(self, old: "_Buffers") -> None:
         """Take over what `old` (smaller) holds: the eager path grows its buffers this way."""
         n = old.cap
         for (k, v), (ok, ov) in zip(self.kv, old.kv):
-            k[:, :, :n], v[:, :, :n] = ok, ov
+            k[:, :, :n], v[:, :, :n] = ok[:, :, :n], ov[:, :, :n]
         for idx, f in self.F.items():
             f[:n] = old.F[idx]
         if self.cross is not None:
@@ -60,7 +78,7 @@ class _Buffers:
             self.cross[2][:m] = old.cross[2]
         if self.aasd is not None:
             self.aasd[0][:, :, :n], self.aasd[1][:, :, :n] = old.aasd
-        self.aasd_n.copy_(old.aasd_n)
+            self.order[self.cap : self.cap + n] = old.order[n:]
         if self.g is not None:
             self.g.copy_(old.g)
         self.root.copy_(old.root)
@@ -160,7 +178,7 @@ class FeatureDrafter(Drafter):
             layer = ctx.target_cache.cache.layers[c.aasd_layer % c.L]
             K, V = net.aasd_memory(layer.keys[:, :, : P - 1].to(dev, self._dt), layer.values[:, :, : P - 1].to(dev, self._dt))
             buf.aasd[0][:, :, : P - 1], buf.aasd[1][:, :, : P - 1] = K, V
-            buf.aasd_n.fill_(P - 1)
+            buf.set_aasd_rows(P - 1)
         if buf.cross is not None:
             buf.cross[2].fill_(_BIG)
         self.req = _Request(ids, span, plan, vmap, adapt, fast, fast and ctx.cuda_graphs and dev.type == "cuda", P,
@@ -212,15 +230,14 @@ class FeatureDrafter(Drafter):
         net, buf = self.net, self.buf
         T = x.shape[0]
         if allowed is None:
-            allowed = buf.cols[None, :] <= rows[:, None]
-        aasd = None
-        if buf.aasd is not None:
-            aasd = (*buf.aasd, (buf.cols < buf.aasd_n)[None, None].expand(1, T, buf.cap))
+            allowed = buf.order[None, :] <= rows[:, None]
+        elif buf.aasd is not None:  # the target-cache rows after the drafter's own
+            allowed = torch.cat([allowed, (buf.order[buf.cap :] < 0)[None].expand(T, -1)], 1)
         cross = None
         if buf.cross is not None:
             lim = src if src is not None else torch.full((T,), _BIG - 1, device=x.device)
             cross = (buf.cross[0], buf.cross[1], (buf.cross[2][None, :] <= lim[:, None])[None])
-        r, _, _ = net.run(x[None], pos[None], buf.kv, allowed[None], aasd, cross, write_rows=rows)
+        r, _, _ = net.run(x[None], pos[None], buf.kv, allowed[None], None, cross, write_rows=rows, rope_table=buf.rope)
         return net.head_feats(r[0])  # [T, flash, H]
 
     def _write_memory(self, lo, ps: torch.Tensor) -> None:
@@ -310,12 +327,18 @@ class FeatureDrafter(Drafter):
         net, kf, dev = self.net, self.cfg.flash, self.buf.root.device
         heads, j, since = self.buf.root, 0, []
         toks, probs, rows = [], [], []
+        # Node at chain index i (depth i + 1) is fed at row row + i, position base + 1 + i: index
+        # arithmetic once per body, slices per forward (each tensor op is a kernel on the device).
+        steps = torch.arange(max(depth, 1), device=dev)
+        node_pos, node_row = base + 1 + steps, row + steps
         for d in range(depth):
             if j == kf:  # feed the kf nodes drafted since the anchor (depths d-kf+1..d)
-                steps = torch.arange(kf, device=dev)
-                x = self._inputs(torch.cat([t for t, _ in since]), torch.stack([f for _, f in since]))
-                heads = self._forward(x, base + d - kf + 1 + steps, row + steps)[-1]
-                row, j, since = row + kf, 0, []
+                if kf == 1:
+                    x = self._inputs(since[0][0], since[0][1][None])
+                else:
+                    x = self._inputs(torch.cat([t for t, _ in since]), torch.stack([f for _, f in since]))
+                heads = self._forward(x, node_pos[d - kf : d], node_row[d - kf : d])[-1]
+                j, since = 0, []
             f = heads[j]
             q = draft_probs(net.logits(f)[None], sampling)[0]
             token, q_token = device_tree.draw(q, None if noise is None else noise[d])

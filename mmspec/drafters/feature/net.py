@@ -145,8 +145,8 @@ def make_config(variant: str, model, entropy_choice: tuple[list[int], int] | Non
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """x / rms(x) over the last dim (computed in float32 whatever x's dtype)."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 class RMSNorm(nn.Module):
@@ -156,43 +156,78 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.weight * rms(x, self.eps)
+        # One call: on a GPU a fused kernel (the drafters are launch-bound; the unfused form was eight).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def rope_of_angles(emb: torch.Tensor):
+    """Angles [.., d] (the two halves equal) -> cos, sin with sin's first half negated: the sign
+    rotate-half puts there, so `apply_rope` needs one roll."""
+    half = emb.shape[-1] // 2
+    sin = emb.sin()
+    return emb.cos(), torch.cat((-sin[..., :half], sin[..., half:]), -1)
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
-    """[B, T] positions -> cos, sin [B, 1, T, head_dim] (float32, Llama's half-rotation layout)."""
+    """[B, T] positions -> cos, sin [B, 1, T, head_dim] (float32, Llama's half-rotation layout, sin
+    signed as `rope_of_angles` says)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
     f = pos.float()[..., None] * inv
-    emb = torch.cat((f, f), -1)
-    return emb.cos()[:, None], emb.sin()[:, None]
+    cos, sin = rope_of_angles(torch.cat((f, f), -1))
+    return cos[:, None], sin[:, None]
+
+
+class RopeTable:
+    """`rope_cos_sin` of positions 0..n-1 computed once: drafting looks rows up (two index ops a
+    forward instead of the angle arithmetic). Held in the drafter's dtype, so `apply_rope` rotates
+    without casts, as transformers' Llama does; in float32 the values are the formula's."""
+
+    def __init__(self, n: int, head_dim: int, theta: float, device, dtype=torch.float32):
+        cos, sin = rope_cos_sin(torch.arange(n, device=device)[None], head_dim, theta)
+        self.cos, self.sin = cos[0, 0].to(dtype), sin[0, 0].to(dtype)  # [n, d]
+
+    def __call__(self, pos: torch.Tensor):
+        """pos [B, T] (every value below n) -> cos, sin [B, 1, T, d]."""
+        B, T = pos.shape
+        flat = pos.reshape(-1)
+        return (self.cos.index_select(0, flat).view(B, 1, T, -1), self.sin.index_select(0, flat).view(B, 1, T, -1))
 
 
 def apply_rope(x, cos, sin):
-    return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x) times the sign folded into sin;
+    in float32 unless cos is in x's dtype (a RopeTable's)."""
+    if cos.dtype == x.dtype:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
+
+
+def add_linear(residual: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """residual + lin(x) for a bias-free linear, in one kernel (the residual add rides the matmul)."""
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), lin.weight.t())
+    return out.view(residual.shape)
 
 
 def attend(q, k, v, mask, null: bool = False):
     """q [B, h, Tq, d]; k, v [B, kv, Tk, d]; mask [B, Tq, Tk] bool (True = attend).
 
     null=True adds a zero key/value slot every query may attend to (a sink: no empty rows)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    B, h, Tq, d = q.shape
+    kv = k.shape[1]
     if null:
         z = torch.zeros_like(k[:, :, :1])
         k, v = torch.cat([k, z], 2), torch.cat([v, z], 2)
         mask = torch.cat([mask, torch.ones_like(mask[..., :1])], -1)
-    # Plain attention (no SDPA): shapes change every step (trees, batches) and some fused backends
-    # build a plan per shape; at this width the explicit form is as fast and always the same math.
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    # Grouped-query attention without copying keys: query head i reads kv head i // (h // kv), so
+    # the rep heads of a group are stacked along the query axis. Plain attention (no SDPA): shapes
+    # change every step (trees, batches), some fused backends plan per shape, and the explicit form
+    # is always the same math.
+    rep = h // kv
+    scores = torch.matmul(q.reshape(B, kv, rep * Tq, d), k.transpose(-1, -2)) * (d ** -0.5)
+    scores = torch.where(mask[:, None, None], scores.view(B, kv, rep, Tq, -1), float("-inf"))
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype).view(B, kv, rep * Tq, -1)
+    out = torch.matmul(probs, v).view(B, h, Tq, d)
+    return out.transpose(1, 2).reshape(B, Tq, h * d)
 
 
 class Attention(nn.Module):
@@ -228,8 +263,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate, self.up, self.down = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False), nn.Linear(I, H, bias=False)
 
+    def inner(self, x):
+        """The activations `down` reads."""
+        return F.silu(self.gate(x)) * self.up(x)
+
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self.inner(x))
 
 
 class Layer(nn.Module):
@@ -306,6 +345,24 @@ class Shared:
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         self.norm = text_model(model).norm
+        self.final_norm = _as_rms_norm(self.norm)
+
+
+@torch.no_grad()
+def _as_rms_norm(norm: nn.Module):
+    """The target's final norm as one `F.rms_norm` call when a probe shows that is what it computes
+    (Llama / Qwen / Mistral: weight * x / rms(x); on a GPU one kernel instead of eight), else the
+    module itself (e.g. Gemma's (1 + weight) scaling)."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return norm
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    want = norm(x).float()
+    got = F.rms_norm(x, (weight.shape[0],), weight, eps).float()
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+        return norm
+    return lambda h: F.rms_norm(h, (weight.shape[0],), weight, eps)
 
 
 class FeatNet(nn.Module):
@@ -376,12 +433,14 @@ class FeatNet(nn.Module):
         outs = [r]
         for hd in self.heads:
             outs.append(hd(outs[-1]))
-        return torch.stack([self.shared.norm(o) for o in outs], -2)
+        if len(outs) == 1:  # no stack copy on the common path
+            return self.shared.final_norm(r).unsqueeze(-2)
+        return torch.stack([self.shared.final_norm(o) for o in outs], -2)
 
     def logits(self, f):
         return self.shared.lm_head(f)
 
-    def run(self, x, pos, past, self_mask, aasd=None, cross=None, write_rows=None):
+    def run(self, x, pos, past, self_mask, aasd=None, cross=None, write_rows=None, rope_table=None):
         """The layer stack over new entries.
 
         x [B, T, H]; pos [B, T] RoPE positions; past: per layer (K, V) [B, kv, S, d] or None;
@@ -389,10 +448,11 @@ class FeatNet(nn.Module):
         joined to the first layer's keys; cross: (K, V, mask [B, T, M]) for the DREAM block.
         With write_rows [T] (inference's preallocated cache), past holds whole buffers: the new
         keys/values are written at those rows and self_mask [B, T, S] covers every buffer row.
+        rope_table (a RopeTable covering pos) replaces the angle arithmetic by a lookup.
         Returns residual [B, T, H], per-layer new (k, v), and the residual after the cross block.
         """
         c = self.cfg
-        rope = rope_cos_sin(pos, c.head_dim, c.rope_theta)
+        rope = rope_table(pos) if rope_table is not None else rope_cos_sin(pos, c.head_dim, c.rope_theta)
         h, new, xo = x, [], None
         for i, layer in enumerate(self.layers):
             a_in = layer.in_norm(h)
@@ -406,11 +466,11 @@ class FeatNet(nn.Module):
                 K, V = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
             if i == 0 and aasd is not None:
                 K, V, M = torch.cat([aasd[0], K], 2), torch.cat([aasd[1], V], 2), torch.cat([aasd[2], M], -1)
-            h = h + layer.attn.o(attend(q, K, V, M))
+            h = add_linear(h, attend(q, K, V, M), layer.attn.o)
             if i == 0 and self.cross is not None:
                 h = h + self.cross(h, *cross)
                 xo = h
-            h = h + layer.mlp(layer.post_norm(h))
+            h = add_linear(h, layer.mlp.inner(layer.post_norm(h)), layer.mlp.down)
         return h, new, xo
 
 
