@@ -4,52 +4,40 @@ Checked on the real shipped head and the embedded target (CPU, no hub): the regi
 eagle3 head; `export-eagle3` then loading the export drafts exactly what loading it directly drafts
 on held-out prompts of the embedded world (chain and dynamic tree, greedy: same draft trees, same
 accepted lengths, same tokens and tau); the exported safetensors holds exactly the tensors, with the
-shapes, that its config implies (the test's own list, from the format, not the module's) and nothing
+shapes, that its config implies (test_eagle3_head's list, from the format, not the module's) and nothing
 else, and config.json names the architecture and the same aux layers in both engines' conventions. The
 retired eagle3 feature drafter (a fused-feature network that stood in for EAGLE-3 before) is refused
 by load, by export and by `train_feature --variant eagle3`, each with one line naming the way to the
 format head. Nothing here depends on the shipped head's aux layers or sizes: they are read from its files.
 """
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
 from mmspec.drafters import registry
 from mmspec.load import ASSETS
+from test_eagle3_head import vllm_expected  # the format's tensors from config.json, written apart from the module
 
 SHIPPED = ASSETS / "models" / "mmspec-feat-eagle3"
 NEW_TOKENS = 32
 TREES = ("chain:4", "dynamic:24,5,4")
 
 
-def format_shapes(raw: dict, own_embed: bool) -> dict[str, tuple[int, ...]]:
-    """What a one-layer LlamaForCausalLMEagle3 checkpoint holds, from its config.json (names without the
-    `model.` prefix vLLM's loader adds; t2d is written by SpecForge and skipped by the engines)."""
-    H, I, V = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
-    Vd = raw.get("draft_vocab_size") or V
-    d = raw.get("head_dim") or H // raw["num_attention_heads"]
-    q, kv = raw["num_attention_heads"] * d, raw["num_key_value_heads"] * d
-    want = {
-        "fc.weight": (H, 3 * raw.get("target_hidden_size", H)), "norm.weight": (H,), "lm_head.weight": (Vd, H),
-        "d2t": (Vd,), "t2d": (V,), "midlayer.self_attn.q_proj.weight": (q, 2 * H),
-        "midlayer.self_attn.k_proj.weight": (kv, 2 * H), "midlayer.self_attn.v_proj.weight": (kv, 2 * H),
-        "midlayer.self_attn.o_proj.weight": (H, q), "midlayer.mlp.gate_proj.weight": (I, H),
-        "midlayer.mlp.up_proj.weight": (I, H), "midlayer.mlp.down_proj.weight": (H, I),
-        **{f"midlayer.{n}.weight": (H,) for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")},
-    }
-    if own_embed:
-        want["embed_tokens.weight"] = (V, H)
-    return want
-
-
-def file_shapes(path) -> dict[str, tuple[int, ...]]:
+def file_shapes(path) -> dict[str, list[int]]:
     with safe_open(str(path), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def format_mismatch(weights, raw: dict) -> dict[str, list[str]]:
+    """Tensors a safetensors file holds beyond the format's list, lacks from it, or holds in another shape."""
+    got, want = file_shapes(weights), vllm_expected(raw, own_embed=False)
+    return {"extra": sorted(set(got) - set(want)), "missing": sorted(set(want) - set(got)),
+            "shape": sorted(k for k in set(got) & set(want) if got[k] != want[k])}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,20 +79,24 @@ def test_export_writes_exactly_the_format(exported):
     aux = raw["eagle_aux_hidden_state_layer_ids"]  # vLLM reads these as they are
     assert raw["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux], "use_aux_hidden_state": True}
     assert aux == json.loads((SHIPPED / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"]
-    got = file_shapes(exported / "model.safetensors")
-    want = format_shapes(raw, own_embed=False)
-    assert sorted(set(got) - set(want)) == [] and sorted(set(want) - set(got)) == [], "extra / missing tensors"
-    assert got == want
+    assert format_mismatch(exported / "model.safetensors", raw) == {"extra": [], "missing": [], "shape": []}
     with safe_open(str(exported / "model.safetensors"), "pt") as f:
         assert str(f.get_slice("d2t").get_dtype()) == "I64"
 
 
-def test_the_shape_check_sees_an_extra_or_missing_tensor(exported):
-    """The comparison above would fail on one tensor too many or too few (a control for that test)."""
+def test_the_format_check_sees_an_extra_missing_or_misshapen_tensor(exported, tmp_path):
+    """A control for the check above: copies of the exported file with one tensor too many, one too
+    few, and one transposed are each reported."""
     raw = json.loads((exported / "config.json").read_text())
-    want, got = format_shapes(raw, own_embed=False), file_shapes(exported / "model.safetensors")
-    assert got != {**want, "fc.bias": (raw["hidden_size"],)}
-    assert got != {k: v for k, v in want.items() if k != "norm.weight"}
+    state = load_file(str(exported / "model.safetensors"))
+    copies = {"extra": {**state, "fc.bias": torch.zeros(raw["hidden_size"])},
+              "missing": {k: v for k, v in state.items() if k != "norm.weight"},
+              "shape": {**state, "fc.weight": state["fc.weight"].t().contiguous()}}
+    for what, tensors in copies.items():
+        path = tmp_path / f"{what}.safetensors"
+        save_file(tensors, str(path))
+        found = format_mismatch(path, raw)
+        assert found[what] == [{"extra": "fc.bias", "missing": "norm.weight", "shape": "fc.weight"}[what]], found
 
 
 def test_export_then_load_drafts_the_same(exported, target):
@@ -156,7 +148,6 @@ def test_the_retired_eagle3_feature_drafter_is_refused(tmp_path, tiny_dir, capsy
     assert cli_main(["export-eagle3", str(old), str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
     assert "retired pre-format eagle3 drafter" in err and len(err.splitlines()) == 1, err
-    shutil.rmtree(old)
 
 
 def test_train_feature_names_the_format_trainer_for_eagle3():
