@@ -8,7 +8,7 @@ CUDA), of operators that synchronise a GPU with the host (nonzero, item), and of
 into tensors (each one a host-to-device copy on a GPU). On a CPU the time is mostly arithmetic; the
 counts are what bounds these tiny drafters on a GPU.
 
-    python bench/train_feature_cost.py --variant eagle3,dream,vispec,aasd --batch 8 --steps 3
+    python bench/train_feature_cost.py --variant eagle,dream,vispec,aasd --batch 8 --steps 3
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def measure(mode, nets, opts, target, batches, need, B):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="assets/models/mmspec-target")
-    ap.add_argument("--variant", default="eagle3,dream,vispec,aasd")
+    ap.add_argument("--variant", default="eagle,dream,vispec,aasd")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (plus one untimed warm-up and one counted)")
     ap.add_argument("--max-answer", type=int, default=160)

@@ -1,6 +1,6 @@
 """Train an EAGLE-3 head in the vLLM / SGLang / SpecForge format for a target VLM (mmspec.drafters.eagle3_head).
 
-    python -m mmspec.train_eagle3 --target assets/models/mmspec-target --out assets/models/mmspec-eagle3-head \\
+    python -m mmspec.train_eagle3 --target assets/models/mmspec-target --out assets/models/mmspec-feat-eagle3 \\
         --device cuda --time-budget-min 4
     python -m mmspec.train_eagle3 --target DIR --out /tmp/head --smoke          # CPU, < 60 s
 
@@ -465,7 +465,7 @@ def main(argv=None) -> dict:
         f"{n_tok} answer tokens) and {len(eval_pool.lens_np)} held-out ones in {pool_s:.0f}s")
     V = text_config(target.model).vocab_size
     drafter = create_head(target, layers, draft_vocabulary(train_pool, V, args.draft_vocab), seed=args.seed,
-                          name=Path(args.out).name)
+                          name=Path(args.out).resolve().name)
     head = drafter.head.float().train()  # fp32 master weights; bf16 autocast does the compute on CUDA
     trainer = Trainer(args, target, head, (train_pool, eval_pool), t_run)
     before = trainer.evaluate()
@@ -484,7 +484,7 @@ def main(argv=None) -> dict:
             "eval_prompts": len(eval_pool.lens_np), "pool_seconds": round(pool_s, 1), "train_seconds": round(train_s, 1),
             "steps_per_s": round(steps / max(1e-6, train_s), 2), "hardware": hardware(target.device),
             "before": before, "agreement": final["agree"], "chain_accept": final["chain_accept"], "kl": final["kl"]}
-    drafter = Eagle3HeadDrafter(head, target, Path(args.out).name, {"trained": True})
+    drafter = Eagle3HeadDrafter(head, target, Path(args.out).resolve().name, {"trained": True})
     out = save(drafter, args.out, info, trainer.curve, t_run)
     if args.engine_eval:
         info["engine"] = engine_check(out, target, args)
@@ -527,17 +527,17 @@ def engine_lines(e: dict | None) -> list[str]:
 
 
 def write_card(path: Path, drafter: Eagle3HeadDrafter, info: dict, curve: list[dict]) -> None:
-    c = drafter.head.cfg
+    c, name = drafter.head.cfg, path.resolve().name  # where it was trained is not where it will be loaded from
     n_params = sum(p.numel() for p in drafter.head.parameters())
     rows = [f"| {r['step']} | {r['seconds']} | {r['train_loss']} | {r['kl']} | "
             f"{' / '.join(f'{100 * a:.1f}%' for a in r['agree'])} | {r['chain_accept']} |" for r in curve]
     b = info["before"]
     text = [
-        f"# {path.name}",
+        f"# {name}",
         "",
         f"EAGLE-3 head in the vLLM / SGLang / SpecForge format (`LlamaForCausalLMEagle3`) for `{Path(drafter.target.name).name}`, "
-        "trained by `python -m mmspec.train_eagle3`. Load with `--drafter " + f"{path}`; "
-        f"`python -m mmspec export-eagle3 {path} OUT` writes the clean head directory vLLM / SGLang serve.",
+        "trained by `python -m mmspec.train_eagle3`. Load with `--drafter " + f"path/to/{name}`; "
+        f"`python -m mmspec export-eagle3 path/to/{name} OUT` writes the clean head directory vLLM / SGLang serve.",
         "",
         "## Architecture",
         "",

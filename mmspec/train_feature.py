@@ -1,6 +1,6 @@
 """Train feature-level drafters (EAGLE family, see mmspec.drafters.feature) for a target VLM.
 
-    python -m mmspec.train_feature --variant eagle3,dream,vispec,aasd --out assets/models --device cuda \
+    python -m mmspec.train_feature --variant dream,vispec,aasd --out assets/models --device cuda \
         --time-budget-min 7
     python -m mmspec.train_feature --target DIR --variant eagle --smoke --out /tmp/x   # CPU, tiny
 
@@ -21,6 +21,10 @@ evaluations without a better chain acceptance; its best weights are kept. The ti
 the whole run (pool included). Each variant is saved to OUT/mmspec-feat-<variant>/ with
 model.safetensors (fp16, the drafter's own weights only), mmspec_drafter.json and a README.md card
 with the held-out curve.
+
+EAGLE-3 is not trained here: its drafter is a head in the vLLM / SGLang format, trained by
+`python -m mmspec.train_eagle3 --out OUT/mmspec-feat-eagle3`; `--variant eagle3` is refused with that
+command (a separate trainer process: its batches, pool and unroll are its own).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 
 from mmspec import entropy
 from mmspec.drafters.feature.drafter import FeatureDrafter
-from mmspec.drafters.feature.files import load_feature_drafter, save_feature_drafter
+from mmspec.drafters.feature.files import RETIRED_VARIANT, load_feature_drafter, save_feature_drafter
 from mmspec.drafters.feature.net import VARIANTS, FeatNet, Shared, make_config, rms, size_report
 from mmspec.drafters.feature.plan import QUERY, TEXT
 from mmspec.errors import InputError
@@ -342,7 +346,6 @@ def engine_eval(drafter, target, seeds, tree: str, max_new: int, vanilla_cache: 
 VARIANT_NOTES = {
     "eagle": "EAGLE: fc(concat(token embedding, target last-layer feature)) -> one decoder layer -> next feature, "
              "decoded by the target's LM head; autoregressive over the draft tree.",
-    "eagle3": "EAGLE-3: low/mid/high target features fused (3H -> H, initialised to the top feature), no feature loss.",
     "dream": "DREAM: a gated (tanh, init 0) cross-attention block with RMSNorm on q/k into target features of the layers "
              "chosen by attention entropy; its output is also regressed onto the lowest-entropy layer.",
     "pool2": "Visual compression: the drafter's view of the image span is average-pooled 2x2 (196 -> 49 entries).",
@@ -455,7 +458,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mmspec.train_feature", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="target directory (default: the embedded assets/models/mmspec-target)")
     ap.add_argument("--variant", action="append", default=None,
-                    help=f"comma-separated names ({', '.join(VARIANTS)}) or 'all'; repeatable, e.g. eagle3,dream,vispec,aasd")
+                    help=f"comma-separated names ({', '.join(VARIANTS)}) or 'all'; repeatable, e.g. dream,vispec,aasd "
+                         "(EAGLE-3: python -m mmspec.train_eagle3)")
     ap.add_argument("--out", default="assets/models")
     ap.add_argument("--device", default=None)
     ap.add_argument("--steps", type=int, default=None,
@@ -506,6 +510,10 @@ def parse_variants(names) -> list[str]:
     variants = []
     for v in names or ["eagle"]:
         for name in (list(VARIANTS) if v == "all" else v.split(",")):
+            if name == RETIRED_VARIANT:
+                raise InputError(f"--variant {name} is retired: mmspec's EAGLE-3 drafter is a vLLM / SGLang format head, "
+                                 "trained by `python -m mmspec.train_eagle3 --out OUT/mmspec-feat-eagle3` (with the same "
+                                 "--target, --device, --sampled-frac and --time-budget-min)")
             if name not in VARIANTS:
                 raise InputError(f"unknown variant {name!r}: use {', '.join(VARIANTS)} or all")
             if name not in variants:

@@ -92,6 +92,7 @@ BEFORE_LOAD = {
     "trace-is-a-directory": ["--trace", "{d}"],
     "trace-unwritable-sysfs": ["--trace", "/sys/mmspec-trace.json"],
     "trace-unwritable-proc": ["--trace", "/proc/version"],
+    "feature-retired-eagle3": ["--drafter", "{d}/feat-retired-eagle3"],  # named by its file, no target needed
 }
 
 # Refused while or after the target loads (a bad target, or a drafter checked against the target).
@@ -115,7 +116,7 @@ AT_LOAD = {
     "feature-target-missing": ["--drafter", "{d}/feat-no-target"],
     "feature-config-wrong-hidden": ["--drafter", "{d}/feat-wrong-hidden"],
     "feature-config-huge-layers": ["--drafter", "{d}/feat-huge-layers"],
-    "feature-config-bad-layer-index": ["--drafter", "{d}/feat-bad-fuse"],
+    "feature-config-bad-layer-index": ["--drafter", "{d}/feat-bad-dream-layer"],
     "feature-config-bool-as-int": ["--drafter", "{d}/feat-bool-layers"],
     "feature-garbage-safetensors": ["--drafter", "{d}/feat-garbage-weights"],
     "feature-missing-safetensors": ["--drafter", "{d}/feat-no-weights"],
@@ -188,7 +189,10 @@ def _write_feature_drafters(d: Path, tiny: Path) -> Path:
     variant("feat-no-target", meta_text=json.dumps({k: v for k, v in meta.items() if k != "target"}))
     variant("feat-wrong-hidden", meta_text=with_config(hidden=10**9))
     variant("feat-huge-layers", meta_text=with_config(n_layers=100_000))
-    variant("feat-bad-fuse", meta_text=with_config(fuse3=True, fuse_layers=[1, 2, 999]))
+    variant("feat-bad-dream-layer", meta_text=with_config(dream=True, dream_layers=[0, 1, 999]))
+    # An old download of the retired eagle3 variant (a fused-feature network), as it was saved.
+    variant("feat-retired-eagle3", meta_text=json.dumps({**meta, "variant": "eagle3", "config": {
+        **meta["config"], "variant": "eagle3", "fuse3": True, "fuse_layers": [1, 2, 4], "w_feat": 0.0}}))
     variant("feat-bool-layers", meta_text=with_config(n_layers=True))
     variant("feat-garbage-weights", weights=bytes(range(256)) * 64)
     variant("feat-no-weights", drop_weights=True)
@@ -262,7 +266,8 @@ def test_messages_name_the_limits(tiny_dir, fuzz_dir, capsys):
               "static-40200-nodes": "over 256 KB",
               "dynamic-budget-over-limit": "BUDGET<=512", "static-33-deep-path": "at most 32 ranks",
               "trace-missing-directory": "does not exist", "device-bogus": "use cpu, cuda or cuda:N",
-              "image-81-megapixels": "the limit is 64 million", "static-string-rank": "got '0'"}
+              "image-81-megapixels": "the limit is 64 million", "static-string-rank": "got '0'",
+              "feature-retired-eagle3": "retired pre-format eagle3 drafter"}
     for case, words in expect.items():
         err, _ = _refused(_argv(tiny_dir, fuzz_dir, BEFORE_LOAD[case]), capsys)
         assert words in err, (case, err)
@@ -297,7 +302,7 @@ def test_config_check_guards_the_library_too():
 
 
 SUBPROCESS_CASES = ["temperature-nan", "fast-path-unknown", "trace-missing-directory", "device-bogus",
-                    "static-40200-nodes", "feature-garbage-safetensors"]
+                    "static-40200-nodes", "feature-garbage-safetensors", "feature-retired-eagle3"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)

@@ -11,7 +11,8 @@ by device bodies, replayed from CUDA graphs with MMSPEC_TEST_DEVICE=cuda); the f
 distributions equal a re-implementation of the format's forward written in this file; `unroll` (the
 training pass) equals drafting at the first step and after accepted entries; sampling keeps the
 target's distribution; bad heads are refused with one line; export writes exactly the tensors vLLM's
-loader takes, and the exported head drafts the same.
+loader takes, and the exported head drafts the same (for the shipped head and the retired eagle3
+feature drafter: test_shipped_eagle3.py).
 """
 import json
 
@@ -24,7 +25,7 @@ from conftest import DEVICE, DTYPE
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target
 from mmspec.cli import main as cli_main
 from mmspec.drafters.base import DraftContext, Drafter
-from mmspec.drafters.eagle3_head import aux_indices, create_head, engines_read, export_eagle3, save_mmspec_head
+from mmspec.drafters.eagle3_head import aux_indices, create_head, engines_read, save_mmspec_head
 from mmspec.model import CachedModel
 from mmspec.tree import grow_tree, parse_tree_spec
 from mmspec.verify import Sampling
@@ -700,13 +701,3 @@ def test_export_then_load_drafts_the_same(tdir, tmp_path, family):
         assert [s.tree.tokens for s in ga.steps] == [s.tree.tokens for s in gb.steps]
         assert ga.token_ids == gb.token_ids == generate(tgt, None, image(2), PROMPT, DecodeConfig(max_new_tokens=16)).token_ids
 
-
-def test_export_refuses_the_old_eagle3_feature_drafter(tmp_path, capsys):
-    from mmspec.load import ASSETS
-
-    src = ASSETS / "models" / "mmspec-feat-eagle3"
-    with pytest.raises(InputError, match="older eagle3 feature drafter"):
-        export_eagle3(src, tmp_path / "out")
-    assert cli_main(["export-eagle3", str(src), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1

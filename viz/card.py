@@ -40,7 +40,6 @@ KIND_PROSE = {
 }
 VARIANT_PROSE = {
     "eagle": "EAGLE: the target's last-layer feature with the next token's embedding",
-    "eagle3": "EAGLE-3: low, middle and top target layers fused into one feature",
     "dream": "DREAM: cross-attention to intermediate target layers chosen by attention entropy",
     "dream_topk": "DREAM with only the most attended visual tokens kept",
     "pool2": "visual tokens averaged over 2×2 patches", "pool4": "visual tokens averaged over 4×4 patches",

@@ -41,9 +41,10 @@ positions (the prompt's from the family's rope index, later ones index + rope de
 and tree node at depth d sits at the root entry's position + d on all three axes (vLLM's
 `positions += 1`). A 1-D head uses sequence indices (for a 1-D target they are its positions).
 
-Training one here (what `train_feature.py` does for the eagle3 variant once wired): `create_head(target,
-aux, draft_ids)` builds a format head (lm_head rows copied from the target's for the draft vocabulary,
-the target's embeddings shared and frozen); per sequence, aux = the target's hidden_states at
+Training one here (what `mmspec.train_eagle3` does; mmspec's shipped EAGLE-3 drafter,
+assets/models/mmspec-feat-eagle3, is such a head): `create_head(target, aux, draft_ids)` builds a
+format head (lm_head rows copied from the target's for the draft vocabulary, the target's
+embeddings shared and frozen); per sequence, aux = the target's hidden_states at
 `head.cfg.aux` concatenated lowest first, `unroll(head, aux, ids, positions, steps)` gives the draft
 logits of depths 1..steps at every entry in one pass per depth (the inputs and masks drafting uses);
 the loss at depth j + 1, entry p compares them with the target's distribution of token p + 2 + j
@@ -63,8 +64,10 @@ from torch import nn
 
 from mmspec import device_tree
 from mmspec.drafters.base import DraftContext, Drafter
-from mmspec.drafters.feature.files import target_fingerprint
-from mmspec.drafters.feature.net import RMSNorm, RopeTable, add_linear, apply_rope, attend, rope_cos_sin, rope_of_angles, text_config
+from mmspec.drafters.feature.files import FORMAT as FEATURE_FORMAT
+from mmspec.drafters.feature.files import is_retired, retired_message, target_fingerprint
+from mmspec.drafters.feature.net import (RMSNorm, RopeTable, add_linear, apply_rope, attend, rope_cos_sin,
+                                         rope_of_angles, text_config)
 from mmspec.errors import InputError
 from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
 from mmspec.kvcache import to_device
@@ -902,11 +905,9 @@ def export_eagle3(src, out) -> Path:
 
 def _not_exportable(src: Path, meta: dict) -> str:
     variant = meta.get("variant")
-    if meta.get("format") == "mmspec-feature-drafter" and variant == "eagle3":
-        return (f"{src} is mmspec's older eagle3 feature drafter: fc over [token embedding, fused feature] with "
-                "H-wide attention and a fuse over rms(low), rms(mid), top - not the EAGLE-3 format; retrain it as an "
-                "EAGLE-3 head (format marker mmspec-eagle3-head) to export it")
-    if meta.get("format") == "mmspec-feature-drafter":
+    if meta.get("format") == FEATURE_FORMAT and is_retired(meta):
+        return retired_message(src)
+    if meta.get("format") == FEATURE_FORMAT:
         return f"{src} is a feature drafter of variant {variant!r}, which has no EAGLE-3 format; only EAGLE-3 heads export"
     return f"{src}/{META_FILE} has format {meta.get('format')!r}, not {MARKER!r}"
 

@@ -6,7 +6,9 @@ A drafter spec (`--drafter`, the app's drafter box, bench/speed.py's `--drafters
 first, then the directory formats from the most specific to the least (an mmspec-trained EAGLE-3
 head also carries mmspec_drafter.json, so heads come before feature drafters; any save_pretrained
 directory or hub id is a draft model, the last row). Adding a drafter is one module beside this one
-and one row in `KINDS`.
+and one row in `KINDS`. The research list's drafters shipped for the embedded target
+(assets/models/mmspec-feat-*) are feature drafters and one EAGLE-3 format head, mmspec-feat-eagle3,
+which the eagle3 row loads and the menu lists among them.
 
 What reads it: the CLI (--drafter's help, and the spec checked before the target loads), the app's
 drafter menu (`choices`), the web UI's model-free names (`model_free_names`, `is_model_free`) and
@@ -45,7 +47,7 @@ class DrafterKind:
     keyword: str | None = None  # the spec itself, for a kind that needs no files
     model_free: bool = False  # needs no model: fine with any target, cheap to make per request
     shipped: Callable[[Path], Menu] = lambda models_dir: []  # instances under assets/models, in menu order
-    menu: int = 0  # where its instances sit in the app's menu (lower first; model-free kinds come last)
+    menu: int = 0  # where its instances sit in the app's menu (lower first; model-free kinds come last; see _shipped)
     benchmark: bool = True  # in bench/speed.py's default drafters
 
 
@@ -66,17 +68,21 @@ def _shipped_models(models_dir: Path) -> Menu:
     return out
 
 
+def _research_list(models_dir: Path) -> list[Path]:
+    """The research list's drafters trained for the embedded target (mmspec-feat-*), in menu order:
+    ViSpec first (its compression map is the visual-token view the app teaches with), then by name.
+    Most are feature drafters (EAGLE family); the EAGLE-3 one is a head in the vLLM / SGLang format."""
+    return sorted(models_dir.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name))
+
+
 def _shipped_feature_drafters(models_dir: Path) -> Menu:
-    """Feature-level drafters (EAGLE family) trained for the embedded target: ViSpec first (its
-    compression map is the visual-token view the app teaches with), then by name."""
-    found = sorted(models_dir.glob("mmspec-feat-*"), key=lambda p: (p.name != "mmspec-feat-vispec", p.name))
     return [(f"feature drafter: {p.name.removeprefix('mmspec-feat-')} (reads target features)", str(p))
-            for p in found if (p / META_FILE).exists()]
+            for p in _research_list(models_dir) if (p / META_FILE).exists() and not is_eagle3_head(p)]
 
 
 def _shipped_eagle3_heads(models_dir: Path) -> Menu:
-    head = models_dir / "mmspec-eagle3-head"
-    return [("EAGLE-3 head (vLLM / SGLang format, reads 3 target layers)", str(head))] if (head / "config.json").exists() else []
+    return [(f"feature drafter: {p.name.removeprefix('mmspec-feat-')} (EAGLE-3 head in the vLLM / SGLang format)",
+             str(p)) for p in _research_list(models_dir) if is_eagle3_head(p)]
 
 
 KINDS: tuple[DrafterKind, ...] = (
@@ -86,8 +92,9 @@ KINDS: tuple[DrafterKind, ...] = (
                 lambda spec, target: RandomDrafter(len(target.tokenizer)), keyword="random", model_free=True,
                 shipped=_keyword_menu("random (worst case)", "random"), menu=1, benchmark=False),
     # config.json naming LlamaForCausalLMEagle3 (vLLM / SGLang / SpecForge format), or an mmspec-trained head
+    # (the shipped one, mmspec-feat-eagle3, sits among the feature drafters: same menu position)
     DrafterKind("eagle3", "an EAGLE-3 head directory (vLLM / SGLang / SpecForge format)", is_eagle3_head,
-                load_eagle3_head, shipped=_shipped_eagle3_heads, menu=2),
+                load_eagle3_head, shipped=_shipped_eagle3_heads, menu=1),
     # a directory with mmspec_drafter.json: an EAGLE-family feature drafter trained by mmspec
     DrafterKind("feature", "an mmspec feature-drafter directory", is_feature_drafter, load_feature_drafter,
                 shipped=_shipped_feature_drafters, menu=1),
@@ -120,8 +127,14 @@ def load_drafter(name: str | None, target, device: str | None = None, dtype: str
     return None if kind is None else kind.load(name, target)
 
 
-def _menu_order() -> list[DrafterKind]:
-    return sorted(KINDS, key=lambda k: (k.model_free, k.menu))
+def _shipped(models_dir: Path, model_free: bool) -> list[tuple[DrafterKind, tuple[str, str]]]:
+    """(row, (label, spec)) of the shipped instances of the model-free rows or of the others, in menu
+    order: by the rows' `menu`; rows sharing a position (the research list's feature drafters and its
+    EAGLE-3 head) interleave in the research list's order, other instances keep their row's order."""
+    rank = {str(p): i for i, p in enumerate(_research_list(models_dir))}
+    found = [((k.menu, rank.get(spec, -1), n), k, (label, spec)) for k in KINDS if k.model_free == model_free
+             for n, (label, spec) in enumerate(k.shipped(models_dir))]
+    return [(k, c) for _, k, c in sorted(found, key=lambda f: f[0])]
 
 
 def choices(models_dir: Path | None = SHIPPED, extra: Iterable[tuple[str, str]] = ()) -> Menu:
@@ -129,16 +142,16 @@ def choices(models_dir: Path | None = SHIPPED, extra: Iterable[tuple[str, str]] 
     `extra`, then the model-free drafters not already listed."""
     out: Menu = []
     if models_dir is not None:
-        out += [c for k in _menu_order() if not k.model_free for c in k.shipped(Path(models_dir))]
+        out += [c for _, c in _shipped(Path(models_dir), model_free=False)]
     out += [tuple(c) for c in extra]
     listed = {v for _, v in out}
-    out += [c for k in _menu_order() if k.model_free for c in k.shipped(SHIPPED) if c[1] not in listed]
+    out += [c for _, c in _shipped(SHIPPED, model_free=True) if c[1] not in listed]
     return out
 
 
 def benchmarked(models_dir: Path = SHIPPED) -> list[str]:
     """bench/speed.py's default drafters: the menu's, less the kinds not worth timing (random)."""
-    return [spec for k in _menu_order() if k.benchmark for _, spec in k.shipped(Path(models_dir))]
+    return [spec for free in (False, True) for k, (_, spec) in _shipped(Path(models_dir), free) if k.benchmark]
 
 
 def model_free_names() -> tuple[str, ...]:

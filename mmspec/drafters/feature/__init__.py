@@ -10,9 +10,11 @@ drafting, a tree node's input takes its parent's *predicted* feature (autoregres
 the drafter keeps its own KV cache in preallocated buffers (`_Buffers`), feeds tree nodes after the
 committed rows with a tree mask, and keeps only the committed rows (the rest are stale and masked).
 
-Options (all switchable in `FeatConfig`; `VARIANTS` names the published recipes):
-- fuse3 (EAGLE-3): feature = fc3(concat(rms(h_low), rms(h_mid), h_top)), init = identity on h_top;
-  no feature-regression loss; every variant trains with EAGLE-3's training-time test (`unroll`).
+Options (all switchable in `FeatConfig`; `VARIANTS` names the published recipes; every variant
+trains with EAGLE-3's training-time test, `unroll`). EAGLE-3 itself is not a variant here: mmspec's
+EAGLE-3 drafter (assets/models/mmspec-feat-eagle3) is a head in the vLLM / SGLang format
+(`mmspec.drafters.eagle3_head`, trained by `mmspec.train_eagle3`); the fused-feature network that
+stood in for it before is retired, and a saved one is refused at load (`files`).
 - dream (DREAM): a cross-attention block after the first layer, tanh gate initialised at 0,
   RMSNorm on q and k, reading intermediate target features of layers chosen by attention entropy
   (`mmspec.entropy.choose_layers`); its output is also regressed onto the lowest-entropy layer.
@@ -40,8 +42,7 @@ Where this departs from the papers (deliberately, to keep one small network): DR
 self/cross/self stack is one self-attention layer with the cross block between its attention and
 MLP, and the entropy-chosen layers are chosen once per target (not per token); MSD keeps 1-D RoPE
 (no M-RoPE in the drafter); AASD reads one target layer's cache (the last); FLASH's latent queries
-are ViSpec's adaptor with more queries; EAGLE-3's "low/mid/high" are hidden_states[L/8], [L/2] and
-the top feature (so that the fused input starts as EAGLE-1's).
+are ViSpec's adaptor with more queries.
 
 Where each part lives (one job per module):
 - `net`: FeatConfig, `VARIANTS`, `make_config`, FeatNet and its layers, RoPE / attention helpers.

@@ -1,7 +1,9 @@
 """A saved feature drafter: a directory with mmspec_drafter.json (format, config, target
 fingerprint, training record) and model.safetensors (the drafter's own weights; the target's
 embeddings, final norm and LM head are never saved). Save, load (every config field type- and
-range-checked against the target, a drafter trained for another target refused), recognise."""
+range-checked against the target, a drafter trained for another target refused), recognise.
+The retired eagle3 variant (a feature drafter fusing three target layers, which stood in for EAGLE-3
+before mmspec's EAGLE-3 drafter became a vLLM / SGLang format head) is refused by name."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +23,23 @@ FORMAT = "mmspec-feature-drafter"
 FORMAT_VERSION = 1
 META_FILE = "mmspec_drafter.json"
 WEIGHTS_FILE = "model.safetensors"
+RETIRED_VARIANT = "eagle3"
+
+
+def retired_message(path) -> str:
+    """One line for a saved retired-eagle3 feature drafter: what it is and how to get the format head."""
+    return (f"{path} is mmspec's retired pre-format eagle3 drafter (a feature drafter fusing three target layers, "
+            "not the EAGLE-3 format); mmspec's EAGLE-3 drafter is now a vLLM / SGLang format head: use "
+            "assets/models/mmspec-feat-eagle3, or train one with `python -m mmspec.train_eagle3 --out DIR` "
+            "(`python -m mmspec export-eagle3 DIR OUT` exports it)")
+
+
+def is_retired(meta: dict) -> bool:
+    """Whether a feature-drafter file is the retired eagle3 variant (marked by its variant, or by the
+    fused-feature switch of its config)."""
+    cfg = meta.get("config")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    return RETIRED_VARIANT in (meta.get("variant"), cfg.get("variant")) or cfg.get("fuse3") is True
 
 
 def target_fingerprint(model) -> dict[str, Any]:
@@ -85,6 +104,8 @@ def _read_meta(path: Path) -> dict:
         raise InputError(f"{path}/{META_FILE}: 'version' is not an integer")
     if version > FORMAT_VERSION:
         raise InputError(f"{path} was written by a newer mmspec (format {version})")
+    if is_retired(meta):
+        raise InputError(retired_message(path))
     return meta
 
 
@@ -111,8 +132,7 @@ def _checked_config(raw, target, path: Path) -> FeatConfig:
         if not lo <= getattr(cfg, k) <= hi:
             raise InputError(f"{path}: config {k}={getattr(cfg, k)} is outside [{lo}, {hi}]")
     L = cfg.target_layers_n
-    layers_ok = (all(0 <= i <= L for i in cfg.fuse_layers) and (len(cfg.fuse_layers) == 3 or not cfg.fuse3)
-                 and all(-L <= i < L for i in (*cfg.dream_layers, cfg.aasd_layer)) and len(cfg.dream_layers) <= L
+    layers_ok = (all(-L <= i < L for i in (*cfg.dream_layers, cfg.aasd_layer)) and len(cfg.dream_layers) <= L
                  and -1 <= cfg.dream_super < L and (len(cfg.dream_layers) > 0 or not cfg.dream))
     if not layers_ok or cfg.compress not in _COMPRESS or not 0 < cfg.topk_keep <= 1:
         raise InputError(f"{path}: config names target layers or options this target does not have")
@@ -147,7 +167,17 @@ def _load_weights(net: FeatNet, path: Path) -> None:
 
 
 def is_feature_drafter(path) -> bool:
+    """A directory with mmspec_drafter.json. A retired eagle3 one is refused here (InputError), so that
+    the CLI names it before any target loads."""
     try:
-        return (Path(path) / META_FILE).is_file()
+        found = (Path(path) / META_FILE).is_file()
     except (OSError, TypeError):
         return False
+    if found:
+        try:
+            meta = json.loads((Path(path) / META_FILE).read_text())
+        except (OSError, ValueError, RecursionError):
+            return True  # loading says what is wrong with the file
+        if isinstance(meta, dict) and meta.get("format") == FORMAT and is_retired(meta):
+            raise InputError(retired_message(path))
+    return found

@@ -29,8 +29,6 @@ class FeatConfig:
     vocab: int = 0
     # architecture options
     n_layers: int = 1
-    fuse3: bool = False
-    fuse_layers: tuple[int, ...] = ()  # hidden_states indices (low, mid, top) when fuse3
     dream: bool = False
     dream_layers: tuple[int, ...] = ()  # decoder layers (entropy-chosen); features = hidden_states[i + 1]
     dream_super: int = -1  # decoder layer whose output supervises the cross-attention block
@@ -65,8 +63,6 @@ class FeatConfig:
     def target_layers(self) -> tuple[int, ...]:
         """hidden_states indices the drafter reads (non-negative)."""
         need = {0, self.L}
-        if self.fuse3:
-            need |= set(self.fuse_layers)
         if self.dream:
             need |= {self.hs_index(i) for i in self.dream_layers}
             if self.dream_super >= 0:
@@ -83,10 +79,10 @@ class FeatConfig:
 
 
 # Published recipes. Every variant shares the base (1 layer, EAGLE inputs, TTT unroll 3) so that the
-# differences between them isolate one idea each.
+# differences between them isolate one idea each. EAGLE-3 is not one: its drafter is a head in the
+# vLLM / SGLang format (mmspec.drafters.eagle3_head, trained by mmspec.train_eagle3).
 VARIANTS: dict[str, dict[str, Any]] = {
     "eagle": {},
-    "eagle3": {"fuse3": True, "w_feat": 0.0},
     "dream": {"dream": True},
     "pool2": {"compress": "pool", "pool": 2},
     "pool4": {"compress": "pool", "pool": 4},
@@ -125,8 +121,6 @@ def make_config(variant: str, model, entropy_choice: tuple[list[int], int] | Non
         rope_theta=rope_theta(tc), target_layers_n=L, vocab=tc.vocab_size,
     )
     cfg = replace(cfg, **VARIANTS[variant])
-    if cfg.fuse3:
-        cfg = replace(cfg, fuse_layers=(max(1, L // 8), max(1, L // 2), L))
     if cfg.dream:
         if entropy_choice is None:
             raise InputError("the dream variant needs an attention-entropy profile to choose layers")
@@ -373,7 +367,6 @@ class FeatNet(nn.Module):
         object.__setattr__(self, "shared", shared)  # not a submodule: never in state_dict/parameters
         self.fc = nn.Linear(2 * H, H)
         self.vis_fc = nn.Linear(H, H) if c.msd else None
-        self.fuse = nn.Linear(3 * H, H, bias=False) if c.fuse3 else None
         self.layers = nn.ModuleList([Layer(c) for _ in range(c.n_layers)])
         self.cross = CrossBlock(c, len(c.dream_layers)) if c.dream else None
         n_q = (c.queries if c.compress == "queries" else 0) + (1 if c.global_image else 0)
@@ -388,9 +381,6 @@ class FeatNet(nn.Module):
     @torch.no_grad()
     def reset_special(self):
         H = self.cfg.hidden
-        if self.fuse is not None:  # starts as EAGLE-1: the top feature only
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, 2 * H:] = torch.eye(H)
         if self.gfuse is not None:  # identity on x, zero on g
             self.gfuse.weight.zero_()
             self.gfuse.weight[:, :H] = torch.eye(H)
@@ -406,11 +396,7 @@ class FeatNet(nn.Module):
 
     def feature_in(self, hs: dict[int, torch.Tensor]) -> torch.Tensor:
         """The committed-position feature from target hidden states (by hidden_states index)."""
-        c = self.cfg
-        if not c.fuse3:
-            return hs[c.L]
-        lo, mid, top = c.fuse_layers
-        return self.fuse(torch.cat([rms(hs[lo], c.eps), rms(hs[mid], c.eps), hs[top]], -1))
+        return hs[self.cfg.L]
 
     def input_x(self, emb, feat, vis=None):
         x = self.fc(torch.cat([emb, feat.to(emb.dtype)], -1))
