@@ -405,15 +405,18 @@ def reference_q(tgt, head_dir, inputs, first, second, temperature):
         aux = sorted(raw["eagle_aux_hidden_state_layer_ids"])
     else:
         aux = sorted(i + 1 for i in raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
-    hs = [h[0].double() for h in tgt.model(**inputs, output_hidden_states=True).hidden_states]
+    # the target runs where the tests put it; the reference itself is float64 on the host
+    inputs = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    hs = [h[0].double().cpu() for h in tgt.model(**inputs, output_hidden_states=True).hidden_states]
     ids = inputs["input_ids"][0].tolist()
     P = len(ids)
-    emb_w = w["embed_tokens.weight"] if "embed_tokens.weight" in w else tgt.model.get_input_embeddings().weight.detach().double()
+    emb_w = (w["embed_tokens.weight"] if "embed_tokens.weight" in w
+             else tgt.model.get_input_embeddings().weight.detach().double().cpu())
     if (raw.get("rope_scaling") or {}).get("mrope_section") is None:
         pos = torch.arange(P + 1)
     else:  # the target's 3-D positions; the drafted token one further on every axis
         kw = {k: inputs[k] for k in ("image_grid_thw", "attention_mask", "mm_token_type_ids") if k in inputs}
-        pos = tgt.model.model.get_rope_index(inputs["input_ids"], **kw)[0][:, 0]
+        pos = tgt.model.model.get_rope_index(inputs["input_ids"], **kw)[0][:, 0].cpu()
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
     emb = emb_w[torch.tensor(ids[1:] + [first])]  # entry p: token p + 1; the last is the sampled token
     h = torch.cat([hs[i] for i in aux], -1) @ w["fc.weight"].T
@@ -681,7 +684,7 @@ def test_export_then_load_drafts_the_same(tdir, tmp_path, family):
     d = create_head(tgt, aux=(1, 2, 3), draft_ids=draft_vocab(tgt, seed=9), seed=4)
     with torch.no_grad():
         for p in d.head.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+            p.add_((torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05).to(p.device, p.dtype))
     src = save_mmspec_head(d, tmp_path / "mmspec-head", {"trained": True})
     assert cli_main(["export-eagle3", str(src), str(tmp_path / "out")]) == 0
     out = tmp_path / "out"

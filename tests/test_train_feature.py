@@ -2,6 +2,8 @@
 (tests/feat_loss_reference.py): same loss, statistics and gradients for every variant, so the
 speed-up cannot change what a drafter learns; and the self-distillation pool holds the target's
 own greedy answers."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,7 @@ def test_init_continues_from_a_saved_drafter(tmp_path):
     second = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")])["eagle"]
     assert second["quality"]["before_training"]["acc0"] == first["quality"]["heldout"]["acc0"]
     assert second["initialised_from"]["trained_steps"] == first["trained_steps"]
+    shutil.copytree(tmp_path / "a" / "mmspec-feat-eagle", tmp_path / "other" / "mmspec-feat-aasd")
     with pytest.raises(InputError, match="differently built"):
         tf.main(["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0",
-                            "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a")])
+                 "--out", str(tmp_path / "c"), "--init", str(tmp_path / "other")])
