@@ -442,3 +442,22 @@ def test_unknown_variant_and_bad_combination(tiny_dir):
         create_feature_drafter("nope", tgt, profile=[1.0, 1.0])
     with pytest.raises(InputError, match="aasd"):
         create_feature_drafter("aasd", tgt, profile=[1.0, 1.0], compress="pool")
+
+
+def test_final_norm_is_fused_only_where_it_computes_the_same():
+    """The target's final norm becomes one F.rms_norm call only when a probe shows it is weight *
+    x / rms(x) (Llama); a Gemma-style (1 + weight) norm stays the module, and both give the
+    module's own output."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mmspec.drafters.feature.net import _as_rms_norm
+
+    x = torch.randn(3, 16)
+    for cls in (LlamaRMSNorm, GemmaRMSNorm):
+        norm = cls(16, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(16))
+        fused = _as_rms_norm(norm)
+        assert (fused is norm) == (cls is GemmaRMSNorm), cls.__name__
+        torch.testing.assert_close(fused(x), norm(x))

@@ -351,6 +351,8 @@ def _as_rms_norm(norm: nn.Module):
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
         return norm
+    if weight.is_meta or getattr(norm, "_hf_hook", None) is not None:  # offloaded: its hooks bring the weight
+        return norm
     x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     want = norm(x).float()
     got = F.rms_norm(x, (weight.shape[0],), weight, eps).float()
