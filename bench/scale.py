@@ -47,7 +47,7 @@ MODELS = ("llava15-7b", "qwen25vl-7b")
 TEXT_TOKENS = 40  # text around the image, half before and half after it
 TREE_WIDTH = 4  # children per node of the timed trees; attention over q tokens costs the same for any shape
 CURVE_DEPTH, CURVE_TOPK, CURVE_TAUS = 5, 4, (2.0, 3.0, 4.0, 5.0)
-DEFAULT_TAU = "chain:4=2.52;dynamic:24,5,4=3.95"  # README table: mmspec-feat-eagle3 on the embedded world
+DEFAULT_TAU = "chain:4=2.52;dynamic:24,5,4=3.95"  # an early CPU measurement (retired FeatNet eagle3); bench/gpu_all.sh passes --tau from its own speed run
 LABEL = "projection"
 PATHS = ("eager", "graphs")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -441,7 +441,17 @@ def training_lines(c, info: dict) -> list[str]:
         f"every {info['eval_every']} steps; a variant stops after {info['patience']} evaluations without a better chain "
         f"acceptance; the weights of its best evaluation are kept (step {info['best_step']})"
         + (f"; run ended by {info['stopped']}" if info.get("stopped") else "") + ".",
-    ]
+    ] + _init_lines(info.get("initialised_from"))
+
+
+def _init_lines(earlier: dict | None) -> list[str]:
+    """--init runs: where the weights started, back to the first run."""
+    out = []
+    while earlier:
+        out.append(f"- Started from the weights of an earlier run: {earlier.get('trained_steps')} steps "
+                   f"({earlier.get('samples')} samples, {earlier.get('train_seconds')} s on {earlier.get('hardware')}).")
+        earlier = earlier.get("initialised_from")
+    return out
 
 
 def curve_lines(c, info: dict) -> list[str]:

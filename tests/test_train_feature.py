@@ -163,6 +163,8 @@ def test_init_continues_from_a_saved_drafter(tmp_path):
     second = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")])["eagle"]
     assert second["quality"]["before_training"]["acc0"] == first["quality"]["heldout"]["acc0"]
     assert second["initialised_from"]["trained_steps"] == first["trained_steps"]
+    card = (tmp_path / "b" / "mmspec-feat-eagle" / "README.md").read_text()
+    assert f"Started from the weights of an earlier run: {first['trained_steps']} steps" in card
     shutil.copytree(tmp_path / "a" / "mmspec-feat-eagle", tmp_path / "other" / "mmspec-feat-aasd")
     with pytest.raises(InputError, match="differently built"):
         tf.main(["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0",

@@ -460,8 +460,8 @@ class _Buffers:
         self.cols = torch.arange(cap, device=device)
         self.root = z(c.hidden)
         self.root_pos = torch.zeros(_axes(c), 1, dtype=torch.long, device=device)
-        # 1-D heads look RoPE rows up: positions are sequence indices, below cap.
-        self.rope = RopeTable(cap, c.head_dim, c.rope_theta, device, dtype) if c.mrope_section is None else None
+        # 1-D heads look RoPE rows up: positions are sequence indices, below the rows reserved (cap).
+        self.rope = RopeTable(2 * cap, c.head_dim, c.rope_theta, device, dtype) if c.mrope_section is None else None
         # Draft ids to target ids (None: the identity, no scatter). Here, not per request: a captured
         # graph reads it at this address for as long as the buffers live.
         self.ids = None if head.full_vocab() else head.target_ids().to(device)

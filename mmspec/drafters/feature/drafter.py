@@ -34,9 +34,8 @@ class _Buffers:
 
     AASD's projected target cache lives in the same key/value buffers as the drafter's own rows
     (rows cap.. of its one layer), so a forward attends over one buffer instead of concatenating
-    both every step; `order` gives each key row the last own row that may not see it: row i of
-    the drafter's own is seen by entries at rows >= i, a target-cache row by every entry (-1) or
-    none (past the prompt's rows)."""
+    both every step. An entry written at row r sees key row j when order[j] <= r: an own row j
+    has order j, a target-cache row -1 (seen by every entry) or _BIG (past the prompt's rows)."""
 
     def __init__(self, net: FeatNet, cap: int, device: torch.device, dtype: torch.dtype):
         c = net.cfg
