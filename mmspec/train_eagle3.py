@@ -417,7 +417,8 @@ def parse_args(argv=None):
                     help="share of the generate batches sampled at T=1 (the rest greedy)")
     ap.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts (answered greedily)")
     ap.add_argument("--max-new", type=int, default=160, help="longest answer generated")
-    ap.add_argument("--gen-batch", type=int, default=1024)
+    ap.add_argument("--gen-batch", type=int, default=None,
+                    help="prompts per generate call (default 1024 on a GPU, 32 on a CPU: the time budget is checked between calls)")
     ap.add_argument("--pool-share", type=float, default=0.4, help="most of the time budget answer generation may use")
     ap.add_argument("--steps", type=int, default=8000, help="at most this many steps (the time budget usually ends first)")
     ap.add_argument("--batch", type=int, default=64)
@@ -450,6 +451,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t_run = time.time()
     target = load_target(args.target, args.device)
+    args.gen_batch = args.gen_batch or (1024 if target.device.type == "cuda" else 32)
     layers = aux_layers(target, args.aux)
     torch.manual_seed(args.seed)
     log(f"[eagle3] target {target.name} on {target.device} ({target.dtype}), aux layers {list(layers)}; "
