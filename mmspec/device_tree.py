@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from mmspec.graphs import run_body
 from mmspec.trace import DraftTree
 from mmspec.tree import NO_TREE, Proposal, TreeSpec, grow_tree
 from mmspec.verify import gumbel_scores
@@ -147,6 +148,24 @@ def chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tens
     tree = DraftTree(tokens=[0] * depth, parents=list(range(-1, depth - 1)), depths=list(range(1, depth + 1)),
                      draft_probs=[0.0] * depth)
     return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
+
+
+def step_rows(spec: TreeSpec, k: int) -> int:
+    """Cache rows one device step writes past the committed ones: k fed entries, then the drafted
+    nodes (the tree's pool or the chain), plus the root's."""
+    return k + (tree_rows(spec) if spec.kind == "dynamic" else spec.depth) + 1
+
+
+def run_step(graphs, graphed: bool, key: tuple, k: int, spec: TreeSpec, sampling, ints: torch.Tensor,
+             noise: torch.Tensor | None, step_body: Callable, tree_body: Callable):
+    """One step of a drafter that drafts on the device: `tree_body(k, spec, sampling, ints, noise)`
+    for a dynamic tree, else `step_body(k, depth, sampling, ints, noise)` (a chain, or depth 0:
+    feeding only), replayed from a CUDA graph per (key, k, spec, sampling, greedy) when graphed."""
+    if spec.kind == "dynamic":
+        body = lambda *bufs: tree_body(k, spec, sampling, *bufs)  # noqa: E731
+    else:
+        body = lambda *bufs: step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
+    return run_body(graphs, graphed, ("step", k, spec, sampling, noise is None, *key), body, (ints, noise))
 
 
 def propose(run_step: Callable, expander: Callable, new: list[int], spec: TreeSpec, sampling, gen,

@@ -69,7 +69,7 @@ from mmspec.drafters.feature.files import is_retired, retired_message, target_fi
 from mmspec.drafters.feature.net import (RMSNorm, RopeTable, add_linear, apply_rope, attend, rope_cos_sin,
                                          rope_of_angles, text_config)
 from mmspec.errors import InputError
-from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
+from mmspec.graphs import BufferPool, DeviceNoise, GraphTable
 from mmspec.kvcache import to_device
 from mmspec.tree import TreePool, TreeSpec, tree_attention
 from mmspec.verify import Sampling, draft_probs
@@ -683,16 +683,12 @@ class Eagle3HeadDrafter(Drafter):
     def _run_step(self, new_tokens: list[int], spec: TreeSpec, sampling: Sampling, gen):
         """Feed the accepted tokens and draft `spec` (a chain, a dynamic tree, or nothing: kind
         "none") in one body on the device, replayed from a CUDA graph per shape on a GPU."""
-        req, dev = self.req, self._dev
-        k, tree = len(new_tokens), spec.kind == "dynamic"
-        self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
+        req, dev, k = self.req, self._dev, len(new_tokens)
+        self._reserve(req.n_cache + device_tree.step_rows(spec, k))
         ints = to_device(torch.tensor([req.n_cache, req.n_cache + req.rope_offset, *new_tokens], dtype=torch.long), dev)
         noise = self._noise.for_draft(spec, sampling, self.cfg.vocab, dev, gen)
-        if tree:
-            body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
-        else:
-            body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
-        out = run_body(self.buf.graphs, req.graphed, ("step", k, spec, sampling, noise is None), body, (ints, noise))
+        out = device_tree.run_step(self.buf.graphs, req.graphed, (), k, spec, sampling, ints, noise,
+                                   self._step_body, self._tree_body)
         req.n_cache += k
         req.forwards += (1 if k else 0) + max(spec.depth - 1, 0)
         return out

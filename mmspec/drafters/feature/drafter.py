@@ -17,7 +17,7 @@ from mmspec.drafters.feature.calibrate import calibrate_entropy
 from mmspec.drafters.feature.net import FeatNet, RopeTable, Shared, make_config, size_report
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
 from mmspec.errors import InputError
-from mmspec.graphs import BufferPool, DeviceNoise, GraphTable, run_body
+from mmspec.graphs import BufferPool, DeviceNoise, GraphTable
 from mmspec.kvcache import to_device
 from mmspec.tree import TreePool, TreeSpec, tree_attention
 from mmspec.verify import Sampling, draft_probs
@@ -351,17 +351,13 @@ class FeatureDrafter(Drafter):
     def _run_step(self, new_tokens: list[int], spec: TreeSpec, sampling: Sampling, gen):
         """Feed the accepted tokens and draft `spec` (a chain, a dynamic tree, or nothing: kind
         "none") in one body on the device, replayed from a CUDA graph per shape on a GPU."""
-        req, dev = self.req, self._dev
-        k, tree = len(new_tokens), spec.kind == "dynamic"
-        self._reserve(req.n_cache + k + (device_tree.tree_rows(spec) if tree else spec.depth) + 1)
+        req, dev, k = self.req, self._dev, len(new_tokens)
+        tree = spec.kind == "dynamic"
+        self._reserve(req.n_cache + device_tree.step_rows(spec, k))
         ints = to_device(torch.tensor([req.n_cache, req.n_fed, *new_tokens], dtype=torch.long), dev)
         noise = self._noise.for_draft(spec, sampling, self.net.shared.lm_head.weight.shape[0], dev, gen)
-        if tree:
-            body = lambda *bufs: self._tree_body(k, spec, sampling, *bufs)  # noqa: E731
-        else:
-            body = lambda *bufs: self._step_body(k, spec.depth, sampling, *bufs)  # noqa: E731
-        key = ("step", k, spec, sampling, noise is None, req.global_image)
-        out = run_body(self.buf.graphs, req.graphed, key, body, (ints, noise))
+        out = device_tree.run_step(self.buf.graphs, req.graphed, (req.global_image,), k, spec, sampling, ints, noise,
+                                   self._step_body, self._tree_body)
         req.n_cache += k
         req.n_fed += k
         req.forwards += (1 if k else 0) + (spec.depth - 1 if tree else max(spec.depth - 1, 0) // self.cfg.flash)
