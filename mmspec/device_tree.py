@@ -150,6 +150,15 @@ def chain_proposal(tokens: torch.Tensor, probs: torch.Tensor, q_rows: torch.Tens
     return Proposal(tree, {d - 1: q_rows[d] for d in range(depth)}, device_tokens=tokens, device_probs=probs)
 
 
+def pending(prompt_ids: list[int], committed: list[int], n_feat: int, what: str) -> tuple[list[int], int]:
+    """A feature-reading drafter's view at propose: the whole sequence and the last position with
+    target features (upto), checked against the features it was handed (n_feat)."""
+    seq = list(prompt_ids) + list(committed)
+    if n_feat != len(seq) - 1:
+        raise RuntimeError(f"{what} out of sync: {n_feat} features for {len(seq)} tokens")
+    return seq, len(seq) - 2
+
+
 def step_rows(spec: TreeSpec, k: int) -> int:
     """Cache rows one device step writes past the committed ones: k fed entries, then the drafted
     nodes (the tree's pool or the chain), plus the root's."""

@@ -696,10 +696,7 @@ class Eagle3HeadDrafter(Drafter):
     @torch.no_grad()
     def propose(self, committed, spec, sampling, gen):
         req = self.req
-        seq = req.ids + list(committed)
-        upto = len(seq) - 2
-        if req.n_feat != upto + 1:
-            raise RuntimeError(f"EAGLE-3 drafter out of sync: {req.n_feat} features for {len(seq)} tokens")
+        seq, upto = device_tree.pending(req.ids, committed, req.n_feat, "EAGLE-3 drafter")
         req.forwards = 0
         if req.n_cache == 0:
             self._feed_prompt(seq, upto)

@@ -366,10 +366,7 @@ class FeatureDrafter(Drafter):
     @torch.no_grad()
     def propose(self, committed, spec, sampling, gen):
         req = self.req
-        seq = req.prompt_ids + list(committed)
-        upto = len(seq) - 2
-        if req.n_feat != upto + 1:
-            raise RuntimeError(f"feature drafter out of sync: {req.n_feat} features for {len(seq)} tokens")
+        seq, upto = device_tree.pending(req.prompt_ids, committed, req.n_feat, "feature drafter")
         req.forwards = 0
         if req.n_fed == 0:
             self._feed_prompt(seq, upto)
