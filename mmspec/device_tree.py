@@ -8,10 +8,12 @@ kept as a prefix of their draw order), computed with tensors of fixed shape so t
 capture the whole growth in one CUDA graph:
 - the pool holds TOPK level-1 nodes, then TOPK x TOPK candidates per further level, in the order
   grow_tree adds them; a candidate whose q is 0 is marked invalid instead of left out;
-- each level's frontier (the TOPK best new candidates) is fed at fixed cache rows
+- each level's frontier (the TOPK best new candidates, best first) is fed at fixed cache rows
   row0 + (level - 1) * TOPK + j and sees the committed rows and its ancestors' rows;
-- the BUDGET best valid pool nodes are kept. `to_proposal` then reads the kept nodes in one
-  device-to-host copy and builds the `Proposal` the engine verifies.
+- the BUDGET best valid pool nodes are kept, and what the target's verify forward reads of them
+  (tokens, depths, ancestor mask) is made on the device too, so the target verifies the tree
+  without waiting for the host (`pending_proposal`); the host tree arrives by one device-to-host
+  copy, started before the verify forward is queued and read while it runs.
 The drafter supplies `expand(depth, tokens, feeds, rows, allowed) -> (q [K, V], child_feeds [K, ...])`:
 feed the frontier nodes of that depth (token, and whatever the drafter pairs with it: a feature
 drafter's predicting feature) at cache rows `rows` with attention `allowed` [K, cap], and return their
@@ -41,10 +43,10 @@ class DeviceTree:
     n_kept: torch.Tensor  # () how many of `kept` are valid
     expanded: torch.Tensor  # [DEPTH - 1, K] pool index of each level's frontier
     q_rows: torch.Tensor  # [1 + (DEPTH - 1) * K, V] q of the root, then of each frontier node
-
-
-def pool_size(spec: TreeSpec) -> int:
-    return spec.topk + (spec.depth - 1) * spec.topk * spec.topk
+    # What the verify forward reads, in kept order (slots past n_kept are verified and ignored):
+    verify_tokens: torch.Tensor  # [B] tokens of the kept nodes
+    verify_offsets: torch.Tensor  # [1 + B] position after the root: 0 for the root, then each node's depth
+    verify_mask: torch.Tensor  # [1 + B, 1 + B] ancestor-or-self over the root and the kept nodes
 
 
 def tree_rows(spec: TreeSpec) -> int:
@@ -53,12 +55,12 @@ def tree_rows(spec: TreeSpec) -> int:
 
 
 def _children(q: torch.Tensor, k: int, noise: torch.Tensor | None):
-    """Top-k (or Gumbel-top-k with uniforms `noise` [R, V]) children of each row of q [R, V]."""
+    """Top-k (or Gumbel-top-k with uniforms `noise` [R, V]) children of each row of q [R, V]: their
+    tokens, q and scores. A child whose q is 0 scores -inf (log 0; Gumbel noise is finite)."""
     logq = q.log()
     scores = logq if noise is None else gumbel_scores(logq, noise)
     top = torch.topk(scores, k, dim=-1)
-    cq = q.gather(-1, top.indices)
-    return top.indices, cq, top.values, cq > 0
+    return top.indices, q.gather(-1, top.indices), top.values
 
 
 def _best(keys: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,67 +72,117 @@ def grow(expand: Expand, root_q: torch.Tensor, root_feed: torch.Tensor, spec: Tr
          cols: torch.Tensor, noise: torch.Tensor | None) -> DeviceTree:
     """root_q [V]: q after the root; root_feed: what the root's children are fed with; row0: first
     free cache row (device scalar); cols: arange over the drafter's cache; noise [DEPTH, K, V]
-    uniforms when sampling (None: greedy)."""
+    uniforms when sampling (None: greedy).
+
+    Every tensor op here is a kernel per level on the device, so the bookkeeping is lean: a node's
+    key is -inf exactly when it is invalid (its q, or an ancestor's, is 0), a candidate's parent is
+    its index // K in the frontier that made it, and the frontier's attention rows (the committed
+    rows and its ancestors' rows) are carried whole, each level adding its own row."""
     K, D, dev = spec.topk, spec.depth, root_q.device
-    W = max(tree_rows(spec), 1)
-    tok, q, s, ok = _children(root_q[None], K, None if noise is None else noise[0, :1])
-    new_idx = torch.arange(K, device=dev)
-    new = {"tok": tok[0], "key": torch.clamp(s[0], max=0.0), "ok": ok[0], "feed": root_feed.expand(K, *root_feed.shape),
-           "anc": torch.zeros(K, W, dtype=torch.bool, device=dev)}
-    new["key"] = new["key"].masked_fill(~new["ok"], float("-inf"))
-    pool = {"tok": [new["tok"]], "par": [torch.full((K,), -1, device=dev)], "q": [q[0]], "key": [new["key"]],
-            "ok": [new["ok"]]}
-    q_rows, expanded, size = [root_q[None]], [], K
-    rel = (cols - row0)[None]
-    slot = torch.arange(K, device=dev)
+    rows = row0 + torch.arange(max(tree_rows(spec), 1), device=dev)  # frontier j of level d: rows[(d-1)K + j]
+    tok, q, key = _children(root_q[None], K, None if noise is None else noise[0, :1])
+    cand_tok, cand_key = tok[0], torch.clamp(key[0], max=0.0)
+    pool_tok, pool_q, pool_key, q_rows, expanded = [cand_tok], [q[0]], [cand_key], [root_q[None]], []
+    feed, anc, size = root_feed.expand(K, *root_feed.shape), None, 0
     for d in range(1, D):
-        sel = _best(new["key"], K)
-        f_idx, f_key, f_ok = new_idx[sel], new["key"][sel], new["ok"][sel]
-        anc = new["anc"][sel].scatter(1, ((d - 1) * K + slot)[:, None], True)
-        allowed = (rel < 0) | (anc.gather(1, rel.clamp(0, W - 1).expand(K, -1)) & (rel < W))
-        fq, child_feed = expand(d, new["tok"][sel], new["feed"][sel], row0 + (d - 1) * K + slot, allowed)
+        if d == 1:  # the root's K children are the whole first level: all of them are expanded
+            f_idx, f_tok, f_key = torch.arange(K, device=dev), cand_tok, cand_key
+            anc = (cols < row0).expand(K, -1).clone()
+        else:
+            best = torch.sort(cand_key, descending=True, stable=True)  # best first, as grow_tree
+            sel, f_key = best.indices[:K], best.values[:K]
+            parent = sel // K  # the frontier slot of the previous level that drafted the candidate
+            f_idx, f_tok = size + sel, cand_tok[sel]
+            feed, anc = feed[parent], anc[parent]
+        anc.scatter_(1, rows[(d - 1) * K : d * K, None], True)
+        fq, feed = expand(d, f_tok, feed, rows[(d - 1) * K : d * K], anc)
         q_rows.append(fq)
         expanded.append(f_idx)
-        ctok, cq, cs, cok = _children(fq, K, None if noise is None else noise[d])
-        cok = cok & f_ok[:, None]
-        ckey = torch.minimum(f_key[:, None], f_key[:, None] + cs).masked_fill(~cok, float("-inf"))
-        new_idx = size + torch.arange(K * K, device=dev)
-        new = {"tok": ctok.reshape(-1), "key": ckey.reshape(-1), "ok": cok.reshape(-1),
-               "feed": child_feed.repeat_interleave(K, 0), "anc": anc.repeat_interleave(K, 0)}
-        for name, value in (("tok", new["tok"]), ("par", f_idx.repeat_interleave(K)), ("q", cq.reshape(-1)),
-                            ("key", new["key"]), ("ok", new["ok"])):
-            pool[name].append(value)
-        size += K * K
-    keys, valid = torch.cat(pool["key"]), torch.cat(pool["ok"])
-    kept = _best(keys, min(spec.budget, size))
-    # Invalid nodes (q = 0) can only be kept when fewer valid ones exist: move them to the end.
-    kept = kept[torch.sort((~valid[kept]).long(), stable=True).indices]
-    return DeviceTree(torch.cat(pool["tok"]), torch.cat(pool["par"]), torch.cat(pool["q"]), kept, valid[kept].sum(),
-                      torch.stack(expanded) if expanded else torch.zeros(0, K, dtype=torch.long, device=dev),
-                      torch.cat(q_rows))
+        ctok, cq, cs = _children(fq, K, None if noise is None else noise[d])
+        # A child's key stays at or below its parent's, so any top-N cut is a subtree. Greedy scores
+        # are log q <= 0, so only Gumbel scores (which can be positive) need the min.
+        ckey = f_key[:, None] + cs if noise is None else torch.minimum(f_key[:, None], f_key[:, None] + cs)
+        size += K if d == 1 else K * K
+        cand_tok, cand_key = ctok.reshape(-1), ckey.reshape(-1)
+        pool_tok.append(cand_tok)
+        pool_q.append(cq.reshape(-1))
+        pool_key.append(cand_key)
+    keys = torch.cat(pool_key)
+    kept = _best(keys, min(spec.budget, keys.shape[0]))
+    # Invalid nodes (key -inf) can only be kept when fewer valid ones exist: move them to the end.
+    valid = keys[kept] > float("-inf")
+    kept = kept[torch.sort((~valid).long(), stable=True).indices]
+    exp = torch.stack(expanded) if expanded else torch.zeros(0, K, dtype=torch.long, device=dev)
+    # Level d's K x K candidates hang under level d-1's expanded nodes, K children each.
+    parents = torch.cat([torch.full((K,), -1, device=dev), exp[:, :, None].expand(-1, K, K).reshape(-1)])
+    tokens = torch.cat(pool_tok)
+    anc = _ancestors(parents, D)[kept]
+    mask = torch.zeros(1 + kept.shape[0], 1 + kept.shape[0], dtype=torch.bool, device=dev)
+    mask[:, 0] = True
+    mask[1:, 1:] = anc[:, kept] > 0
+    offsets = torch.cat([torch.zeros(1, device=dev), anc.sum(-1)]).long()  # a node's ancestors-or-self: its depth
+    return DeviceTree(tokens, parents, torch.cat(pool_q), kept, valid.sum(), exp, torch.cat(q_rows),
+                      tokens[kept], offsets, mask)
 
 
-def to_proposal(t: DeviceTree, spec: TreeSpec) -> Proposal:
-    """The kept nodes as a host `DraftTree` (one device-to-host copy) and the q rows of every
-    expanded kept node (root: -1) as its proposals, as `tree.grow_tree` returns them."""
-    K = spec.topk
-    ints = torch.cat([t.kept, t.n_kept.view(1), t.tokens, t.parents, t.expanded.reshape(-1)]).double()
-    host = torch.cat([ints, t.q.double()]).tolist()
-    B, N = t.kept.shape[0], t.tokens.shape[0]
-    n = int(host[B])
-    kept = [int(i) for i in host[:n]]
-    tokens, parents = host[B + 1 : B + 1 + N], host[B + 1 + N : B + 1 + 2 * N]
-    expanded = [int(i) for i in host[B + 1 + 2 * N : B + 1 + 2 * N + t.expanded.numel()]]
-    q = host[B + 1 + 2 * N + t.expanded.numel() :]
-    depth = [1 if i < K else 2 + (i - K) // (K * K) for i in range(N)]
-    new_index = {-1: -1, **{p: j for j, p in enumerate(kept)}}
-    tree = DraftTree(tokens=[int(tokens[p]) for p in kept], parents=[new_index[int(parents[p])] for p in kept],
-                     depths=[depth[p] for p in kept], draft_probs=[q[p] for p in kept])
-    proposals = {-1: t.q_rows[0]}
-    for row, p in enumerate(expanded, start=1):
-        if p in new_index:
-            proposals[new_index[p]] = t.q_rows[row]
-    return Proposal(tree, proposals)
+def _ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """[N, N] 0/1 (float): row i marks i and its ancestors among pool nodes with `parents` [N]
+    (-1 = root), at most `depth` deep. The closure of the parent relation by repeated squaring:
+    a few matmuls instead of one gather per level (the counts stay small integers, exact in any
+    float format)."""
+    n = parents.shape[0]
+    a = torch.eye(n, device=parents.device)
+    a[torch.arange(n, device=parents.device), parents.clamp(min=0)] += (parents >= 0).float()
+    for _ in range(max(depth - 2, 0).bit_length()):  # paths of up to 2^r edges after r rounds
+        a = (a @ a).clamp_(max=1.0)
+    return a
+
+
+class PendingTree:
+    """A device tree on its way to the host: one device-to-host copy of what the host tree needs,
+    started when the proposal is made (before the verify forward is queued), read by `host()`."""
+
+    def __init__(self, t: DeviceTree, spec: TreeSpec):
+        self.t, self.spec = t, spec
+        ints = torch.cat([t.kept, t.n_kept.view(1), t.tokens, t.parents, t.expanded.reshape(-1)]).double()
+        packed = torch.cat([ints, t.q.double()])
+        self.event = None
+        if packed.device.type == "cuda":
+            self.copy = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.copy.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.copy = packed
+
+    def host(self) -> tuple[DraftTree, dict]:
+        """The kept nodes as a host `DraftTree` and the q rows of every expanded kept node (root: -1)
+        as its proposals, as `tree.grow_tree` returns them."""
+        if self.event is not None:
+            self.event.synchronize()
+        t, K = self.t, self.spec.topk
+        host = self.copy.tolist()
+        B, N = t.kept.shape[0], t.tokens.shape[0]
+        n = int(host[B])
+        kept = [int(i) for i in host[:n]]
+        tokens, parents = host[B + 1 : B + 1 + N], host[B + 1 + N : B + 1 + 2 * N]
+        expanded = [int(i) for i in host[B + 1 + 2 * N : B + 1 + 2 * N + t.expanded.numel()]]
+        q = host[B + 1 + 2 * N + t.expanded.numel() :]
+        new_index = {-1: -1, **{p: j for j, p in enumerate(kept)}}
+        tree = DraftTree(tokens=[int(tokens[p]) for p in kept], parents=[new_index[int(parents[p])] for p in kept],
+                         depths=[1 if p < K else 2 + (p - K) // (K * K) for p in kept],
+                         draft_probs=[q[p] for p in kept])
+        proposals = {-1: t.q_rows[0]}
+        for row, p in enumerate(expanded, start=1):
+            if p in new_index:
+                proposals[new_index[p]] = t.q_rows[row]
+        return tree, proposals
+
+
+def pending_proposal(t: DeviceTree, spec: TreeSpec) -> Proposal:
+    """A dynamic tree drafted on the device, verified from there (`Proposal.device_tree`); its host
+    tree is filled by `Proposal.resolve`."""
+    return Proposal(DraftTree(), {}, device_tree=PendingTree(t, spec))
 
 
 def draw(q: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +238,7 @@ def propose(run_step: Callable, expander: Callable, new: list[int], spec: TreeSp
     if on_device and spec.kind == "chain":
         return chain_proposal(*run_step(new, spec, sampling, gen))
     if on_device and spec.kind == "dynamic":
-        return to_proposal(run_step(new, spec, sampling, gen), spec)
+        return pending_proposal(run_step(new, spec, sampling, gen), spec)
     if new:
         run_step(new, NO_TREE, sampling, gen)
     return grow_tree(expander(sampling), spec, not sampling.greedy, gen)

@@ -248,25 +248,39 @@ class Decoder:
         """The target's one forward over [root] + the draft tree, the acceptance rule, and the
         target cache keeping the root and the accepted path. Returns the verdict and, when asked,
         the forward's hidden states (their rows: root, then tree nodes)."""
-        tree, root_pos = proposal.tree, tm.committed
-        if proposal.device_tokens is not None:  # drafted on the device: verified from there
+        toks, pos, mask = Decoder._verify_inputs(proposal, root, tm.committed)
+        timer.mark("verify")  # mask and positions are engine overhead, not verification
+        out = tm.forward(toks, pos, mask, hidden=hidden)
+        logits, states = out if hidden else (out, None)
+        if proposal.device_tree is not None:  # its host copy was queued first: read while the target runs
+            proposal.resolve()
+            n = 1 + len(proposal.tree)  # rows past the tree are the device tree's unused slots
+            logits, toks = logits[:n], toks[:n]
+        # Verification's reductions go to the device queue behind the forward; the host then
+        # waits once, for a few numbers per node rather than the logits.
+        scores = score(logits, toks, proposal.tree.parents, sampling, proposal.proposals)
+        timer.mark("verified")
+        proposal.resolve()
+        verdict = verify(proposal.tree, logits, sampling, proposal.proposals, gen, scores)
+        tm.commit_rows([0] + [n + 1 for n in verdict.accepted])
+        return verdict, states
+
+    @staticmethod
+    def _verify_inputs(proposal: Proposal, root: int, root_pos: int):
+        """Tokens, positions and tree mask (None: a chain) of the root and the draft. A draft made on
+        the device is read from there, so the forward is queued without waiting for the host."""
+        tree, pt = proposal.tree, proposal.device_tree
+        if pt is not None:
+            t = pt.t
+            toks = torch.cat([torch.full((1,), root, device=t.verify_tokens.device), t.verify_tokens])
+            return toks, t.verify_offsets + root_pos, t.verify_mask
+        if proposal.device_tokens is not None:
             toks = torch.cat([torch.full((1,), root, device=proposal.device_tokens.device), proposal.device_tokens])
         else:
             toks = torch.tensor([root] + tree.tokens, dtype=torch.long)
         pos = torch.tensor([root_pos] + [root_pos + d for d in tree.depths], dtype=torch.long)
         chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-        mask = None if chain else tree_attention(tree.parents)
-        timer.mark("verify")  # mask and positions are engine overhead, not verification
-        out = tm.forward(toks, pos, mask, hidden=hidden)
-        logits, states = out if hidden else (out, None)
-        # Verification's reductions go to the device queue behind the forward; the host then
-        # waits once, for a few numbers per node rather than the logits.
-        scores = score(logits, toks, tree.parents, sampling, proposal.proposals)
-        timer.mark("verified")
-        proposal.resolve()
-        verdict = verify(tree, logits, sampling, proposal.proposals, gen, scores)
-        tm.commit_rows([0] + [n + 1 for n in verdict.accepted])
-        return verdict, states
+        return toks, pos, None if chain else tree_attention(tree.parents)
 
     @staticmethod
     def _commit(committed: list[int], tree: DraftTree, verdict, max_new: int, eos: set[int]) -> tuple[list[int], bool]:

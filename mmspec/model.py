@@ -79,6 +79,15 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _put(buf: torch.Tensor, where, x: torch.Tensor) -> None:
+    """Write x into the packed inputs: at a slice, or (slice, Q, W, q, T) for the tail mask."""
+    if isinstance(where, slice):
+        buf[where] = x
+    else:
+        sl, Q, W, q, T = where
+        buf[sl].view(Q, W)[:q, :T] = x
+
+
 def _bucket(q: int) -> int:
     return 1 << (q - 1).bit_length()
 
@@ -251,27 +260,32 @@ class CachedModel:
         Q = _bucket(q) if graphed else q
         if start + Q > st.cache.capacity:
             raise RuntimeError(f"static cache overflow: {start} + {Q} > {st.cache.capacity} (room {self.room} too small)")
-        # Everything the forward needs from the host goes in one int64 tensor and one asynchronous
-        # copy: token ids, cache rows, the committed length, positions and the tail of the mask.
-        # A tail width of 0 means causal attention; the mask itself is built on the device (in the
-        # graph when graphed) from these, so no host-device sync happens before the logits are read.
+        # Everything the forward needs goes in one int64 tensor: token ids, cache rows, the committed
+        # length, positions and the tail of the mask. A tail width of 0 means causal attention; the
+        # mask itself is built on the device (in the graph when graphed) from these, so no host-device
+        # sync happens before the logits are read.
         T = start - base + q
         W = 0 if tail_mask is None else (_bucket(T) if graphed else T)
-        seq = torch.cat([seq_pos.cpu(), seq_pos[-1:].cpu().expand(Q - q)])
+        seq = torch.cat([seq_pos, seq_pos[-1:].expand(Q - q)])
         pos = self.family.position_ids(seq, self.rope_offset)
-        host = torch.zeros(2 * Q + 1 + pos.numel() + Q * W + Q, dtype=torch.long)
-        host[-Q:] = seq  # sequence positions (without the rope offset): sliding windows measure these
-        on_host = tokens.device.type == "cpu"
-        if on_host:
-            host[:q] = tokens
+        n = 2 * Q + 1 + pos.numel() + Q * W + Q
+        host = torch.zeros(n, dtype=torch.long)
         host[Q : 2 * Q] = torch.arange(start, start + Q)
         host[2 * Q] = base
-        host[2 * Q + 1 : 2 * Q + 1 + pos.numel()] = pos.reshape(-1)
+        # Token ids, positions (the sequence positions last, without the rope offset: sliding windows
+        # measure these) and the tail mask: what is on the host travels in one host-to-device copy,
+        # what a drafter left on the device (its chain's tokens, its tree) is copied there after it.
+        pieces = [(slice(0, q), tokens), (slice(2 * Q + 1, 2 * Q + 1 + pos.numel()), pos.reshape(-1)),
+                  (slice(n - Q, n), seq)]
         if W:
-            host[2 * Q + 1 + pos.numel() : -Q].view(Q, W)[:q, :T] = tail_mask.cpu()
+            pieces.append(((slice(2 * Q + 1 + pos.numel(), n - Q), Q, W, q, T), tail_mask))
+        for where, x in pieces:
+            if x.device.type == "cpu":
+                _put(host, where, x)
         packed = to_device(host, dev)
-        if not on_host:  # draft tokens still on the device: a device-to-device copy, no sync
-            packed[:q] = tokens
+        for where, x in pieces:
+            if x.device.type != "cpu":
+                _put(packed, where, x)
         layout = (Q, tuple(pos.shape), W)
         logits, hs = self._replay(st, hidden, layout, packed) if graphed else self._run(st, hidden, layout, packed)
         self.cache.length = start + q

@@ -449,7 +449,8 @@ def _init_lines(earlier: dict | None) -> list[str]:
     out = []
     while earlier:
         out.append(f"- Started from the weights of an earlier run: {earlier.get('trained_steps')} steps "
-                   f"({earlier.get('samples')} samples, {earlier.get('train_seconds')} s on {earlier.get('hardware')}).")
+                   f"({earlier.get('samples')} samples, {earlier.get('train_seconds')} s on {earlier.get('hardware')}; "
+                   f"{earlier.get('layers', 1)} layer(s)).")
         earlier = earlier.get("initialised_from")
     return out
 
@@ -485,6 +486,9 @@ def parse_args(argv=None):
     ap.add_argument("--unroll", type=int, default=None,
                     help="training-time-test steps (default: the variant's, 3); a chain drafts well only about as "
                          "deep as the drafter was unrolled in training")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the drafter (default: the variant's, 1); with --init a saved drafter "
+                         "with fewer layers is grown (the new layers start as the identity)")
     ap.add_argument("--gen-batch", type=int, default=1024, help="prompts per generate call (and per cached target pass)")
     ap.add_argument("--ground-truth", action="store_true", help="learn on the world's answers instead of the target's own")
     ap.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (the target's greedy answers)")
@@ -513,6 +517,8 @@ def parse_args(argv=None):
         args.device = args.device or "cpu"
         args.lr = max(args.lr, 3e-3)
     args.steps = args.steps or 20000
+    if args.layers is not None and args.layers < 1:
+        raise InputError("--layers must be at least 1")
     return args
 
 
@@ -588,7 +594,8 @@ def make_nets(variants, target, choice, args):
     dev = target.device
     for v in variants:
         unroll = 2 if args.smoke else args.unroll
-        cfg = make_config(v, target.model, choice, **({"unroll": unroll} if unroll else {}))
+        over = {**({"unroll": unroll} if unroll else {}), **({"n_layers": args.layers} if args.layers else {})}
+        cfg = make_config(v, target.model, choice, **over)
         net = FeatNet(cfg, Shared(target.model)).to(dev).train()
         if args.init:
             _start_from(net, Path(args.init) / f"mmspec-feat-{v}", target)
@@ -600,21 +607,34 @@ def make_nets(variants, target, choice, args):
 
 
 def _start_from(net: FeatNet, path: Path, target) -> None:
-    """--init: this variant's weights from a drafter saved before (a longer run in several calls)."""
+    """--init: this variant's weights from a drafter saved before (a longer run in several calls).
+    A drafter with more layers grows from one with fewer: the new layers' output projections start
+    at zero, so they add nothing to the residual and the grown drafter drafts what the saved one did."""
     saved = load_feature_drafter(path, target).net
     mine, theirs = net.cfg.options(), saved.cfg.options()
-    diff = sorted(k for k in set(mine) | set(theirs) if k != "unroll" and mine.get(k) != theirs.get(k))
-    if diff:
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in ("unroll", "n_layers") and mine.get(k) != theirs.get(k))
+    n_old, n_new = saved.cfg.n_layers, net.cfg.n_layers
+    if diff or n_old > n_new:
+        diff += ["n_layers"] if n_old > n_new else []
         raise InputError(f"--init {path} is a differently built drafter ({', '.join(diff)} differ)")
-    net.load_state_dict({k: t.to(next(net.parameters()).dtype) for k, t in saved.state_dict().items()})
-    log(f"[feat] {net.cfg.variant}: starting from {path}")
+    dtype = next(net.parameters()).dtype
+    missing, _ = net.load_state_dict({k: t.to(dtype) for k, t in saved.state_dict().items()}, strict=False)
+    if any(not k.startswith(tuple(f"layers.{i}." for i in range(n_old, n_new))) for k in missing):
+        raise InputError(f"--init {path}: weights missing for {missing}")
+    with torch.no_grad():
+        for layer in net.layers[n_old:]:
+            layer.attn.o.weight.zero_()
+            layer.mlp.down.weight.zero_()
+    grown = f" (grown from {n_old} to {n_new} layers)" if n_new > n_old else ""
+    log(f"[feat] {net.cfg.variant}: starting from {path}{grown}")
 
 
 def _earlier_training(path: Path) -> dict:
     """What the --init drafter's own record says of its training (steps, samples, and its own start)."""
     meta = json.loads((path / "mmspec_drafter.json").read_text())
     t = meta.get("training") or {}
-    return {k: t.get(k) for k in ("trained_steps", "samples", "train_seconds", "initialised_from", "hardware")}
+    return {**{k: t.get(k) for k in ("trained_steps", "samples", "train_seconds", "initialised_from", "hardware")},
+            "layers": (meta.get("config") or {}).get("n_layers", 1)}
 
 
 def needs(nets) -> dict:

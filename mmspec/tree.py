@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -180,9 +180,16 @@ class Proposal:
     # the target can verify them without waiting for the host; `resolve` fills the tree afterwards.
     device_tokens: torch.Tensor | None = None  # [n] in tree order
     device_probs: torch.Tensor | None = None  # [n] q of each token
+    # A dynamic tree drafted on the device (`device_tree.PendingTree`): the target verifies it from
+    # its device tensors; the host tree, with its shape, arrives at `resolve`.
+    device_tree: Any = None
 
     def resolve(self) -> None:
-        """Copy device-chosen tokens into the tree (one device-to-host copy; no-op otherwise)."""
+        """Copy device-chosen tokens into the tree, or a device tree into `tree` and `proposals`
+        (one device-to-host copy; no-op otherwise)."""
+        if self.device_tree is not None:
+            self.tree, self.proposals = self.device_tree.host()
+            self.device_tree = None
         if self.device_tokens is None:
             return
         tokens, probs = torch.stack([self.device_tokens.double(), self.device_probs.double()]).tolist()
@@ -250,8 +257,8 @@ def grow_tree(expand: ExpandFn, spec: TreeSpec, sample: bool, gen: torch.Generat
                     new.append(pool.add(t, parent, q, key))
             if depth == spec.depth or not new:
                 break
-            best = sorted(new, key=lambda i: (-pool.keys[i], i))[: spec.topk]
-            frontier = sorted(best)
+            # Best first (ties to the earlier node): the device grows the same frontier with one sort.
+            frontier = sorted(new, key=lambda i: (-pool.keys[i], i))[: spec.topk]
             frontier_key = {i: pool.keys[i] for i in frontier}
         order = sorted(range(len(pool.tokens)), key=lambda i: (-pool.keys[i], pool.depths[i], i))
         keep = sorted(order[: spec.budget])

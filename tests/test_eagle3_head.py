@@ -278,12 +278,14 @@ class Recorder(Drafter):
         prop = self.d.propose(committed, spec, sampling, gen)
         self.graphed |= self.d.req.graphed
         on_device = prop.device_tokens is not None
-        tokens = prop.device_tokens.tolist() if on_device else list(prop.tree.tokens)
-        probs = prop.device_probs.tolist() if on_device else list(prop.tree.draft_probs)
-        q = {k: v.double().cpu() for k, v in prop.proposals.items()}
-        self.steps.append((tokens, list(prop.tree.parents), probs, q, prop.extras["drafter_forwards"]))
+        # A device tree reaches the host when the engine resolves it; read it here without resolving.
+        tree, proposals = prop.device_tree.host() if prop.device_tree is not None else (prop.tree, prop.proposals)
+        tokens = prop.device_tokens.tolist() if on_device else list(tree.tokens)
+        probs = prop.device_probs.tolist() if on_device else list(tree.draft_probs)
+        q = {k: v.double().cpu() for k, v in proposals.items()}
+        self.steps.append((tokens, list(tree.parents), probs, q, prop.extras["drafter_forwards"]))
         if spec.kind != "static" and sampling.greedy:
-            self._check_host(spec, sampling, tokens, prop.tree.parents, probs, q)
+            self._check_host(spec, sampling, tokens, tree.parents, probs, q)
         return prop
 
     def _check_host(self, spec, sampling, tokens, parents, probs, q):

@@ -86,14 +86,18 @@ def test_greedy_lossless_every_variant_llava(tiny_dir, variant):
     assert gen.token_ids == ref.token_ids, f"{variant} {TREES[-1]} static cache"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_device_chain_lossless_every_variant(tiny_dir, variant):
+# Every variant with the base's one layer, and AASD grown to two (only its first layer reads the target cache).
+LAYERS = [(v, 1) for v in VARIANTS] + [("aasd", 2)]
+
+
+@pytest.mark.parametrize("variant,layers", LAYERS)
+def test_device_chain_lossless_every_variant(tiny_dir, variant, layers):
     """The fast path drafts chains and dynamic trees on the device (`_step_body`, `_tree_body`: feed
     the accepted entries, then draft; one CUDA graph each on a GPU), eagerly here: same output as
     vanilla, and the very drafts (tokens, tree, q, forwards) of the host-grown tree of the eager path."""
     for family in ("llava", "qwen2vl"):
         tgt, ref = target(tiny_dir, family), reference(tiny_dir, family)
-        d = drafter(tiny_dir, family, variant)
+        d = drafter(tiny_dir, family, variant, n_layers=layers)
         for tree in ("chain:4", "dynamic:16,5,3"):
             runs = {}
             for static in (False, True):
@@ -140,8 +144,8 @@ def test_eos_and_max_tokens_with_feature_drafter(tiny_dir):
 # --- train / inference agreement --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_training_forward_matches_inference(tiny_dir, variant, monkeypatch):
+@pytest.mark.parametrize("variant,layers", LAYERS)
+def test_training_forward_matches_inference(tiny_dir, variant, layers, monkeypatch):
     """The training-time-test forward (one teacher-forced pass, diagonal masks) gives the very
     distributions the engine-side drafter proposes while drafting along the true continuation."""
     from mmspec import train_feature as tf
@@ -152,7 +156,7 @@ def test_training_forward_matches_inference(tiny_dir, variant, monkeypatch):
     inputs = tgt.family.prefill_inputs(tgt.processor, img, PROMPT)
     P = inputs["input_ids"].shape[1]
     full = inputs["input_ids"][0].tolist() + ref.token_ids
-    d = drafter(tiny_dir, "llava", variant, unroll=3)
+    d = drafter(tiny_dir, "llava", variant, unroll=3, n_layers=layers)
     depth = 3
     rec = []
     state = {}

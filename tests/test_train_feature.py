@@ -2,6 +2,7 @@
 (tests/feat_loss_reference.py): same loss, statistics and gradients for every variant, so the
 speed-up cannot change what a drafter learns; and the self-distillation pool holds the target's
 own greedy answers."""
+import json
 import shutil
 
 import numpy as np
@@ -169,3 +170,19 @@ def test_init_continues_from_a_saved_drafter(tmp_path):
     with pytest.raises(InputError, match="differently built"):
         tf.main(["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0",
                  "--out", str(tmp_path / "c"), "--init", str(tmp_path / "other")])
+
+
+@pytest.mark.slow
+def test_init_grows_a_drafter_by_a_layer(tmp_path):
+    """--init with --layers 2 from a saved 1-layer drafter: the new layer starts as the identity, so
+    before training the grown drafter agrees with the target exactly as the saved one did after its
+    run; a drafter is never shrunk."""
+    args = ["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0"]
+    first = tf.main(args + ["--out", str(tmp_path / "a")])["aasd"]
+    grown = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--layers", "2"])["aasd"]
+    assert grown["quality"]["before_training"]["acc0"] == first["quality"]["heldout"]["acc0"]
+    meta = json.loads((tmp_path / "b" / "mmspec-feat-aasd" / "mmspec_drafter.json").read_text())
+    assert meta["config"]["n_layers"] == 2 and grown["initialised_from"]["layers"] == 1
+    assert "1 layer(s)" in (tmp_path / "b" / "mmspec-feat-aasd" / "README.md").read_text()
+    with pytest.raises(InputError, match="n_layers"):
+        tf.main(args + ["--out", str(tmp_path / "c"), "--init", str(tmp_path / "b")])

@@ -97,14 +97,14 @@ class ModelDrafter(Drafter):
 
     def _propose_on_device(self, committed, spec: TreeSpec, sampling, gen) -> Proposal:
         """The fast path's chain or dynamic tree, drafted on the device (`CachedModel.draft_chain` /
-        `draft_tree`): no host round trip per token or level. A chain's tokens reach the host with
-        the target's logits; a tree's in one copy before the target's forward."""
+        `draft_tree`): no host round trip per token or level. The target verifies either from the
+        device; the host learns a chain's tokens with the target's logits, a tree while the target runs."""
         cm = self.cm
         try:
             first = self._feed_pending(committed)[0]
             noise = self._noise.for_draft(spec, sampling, first.shape[-1], first.device, gen)
             if spec.kind == "dynamic":
-                return device_tree.to_proposal(cm.draft_tree(first, spec, sampling, noise), spec)
+                return device_tree.pending_proposal(cm.draft_tree(first, spec, sampling, noise), spec)
             return device_tree.chain_proposal(*cm.draft_chain(first, spec.depth, sampling, noise))
         finally:
             cm.rollback()

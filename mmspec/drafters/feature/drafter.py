@@ -16,7 +16,6 @@ from mmspec.drafters.base import DraftContext, Drafter
 from mmspec.drafters.feature.calibrate import calibrate_entropy
 from mmspec.drafters.feature.net import FeatNet, RopeTable, Shared, make_config, size_report
 from mmspec.drafters.feature.plan import QUERY, Entry, image_grid, image_span, plan_entries
-from mmspec.errors import InputError
 from mmspec.graphs import BufferPool, DeviceNoise, GraphTable
 from mmspec.kvcache import to_device
 from mmspec.tree import TreePool, TreeSpec, tree_attention
@@ -33,19 +32,17 @@ class _Buffers:
     predicted features and a RoPE table. Rows past what a request wrote are stale and masked out.
 
     AASD's projected target cache lives in the same key/value buffers as the drafter's own rows
-    (rows cap.. of its one layer), so a forward attends over one buffer instead of concatenating
-    both every step. An entry written at row r sees key row j when order[j] <= r: an own row j
+    (rows cap.. of its first layer, the one that reads it), so a forward attends over one buffer
+    instead of concatenating both every step. An entry written at row r sees key row j when order[j] <= r: an own row j
     has order j, a target-cache row -1 (seen by every entry) or _BIG (past the prompt's rows)."""
 
     def __init__(self, net: FeatNet, cap: int, device: torch.device, dtype: torch.dtype):
         c = net.cfg
-        if c.aasd and len(net.layers) != 1:
-            raise InputError("an aasd drafter reads the target's cache in its one layer; this one has "
-                             f"{len(net.layers)} layers")
         self.cap, self.device, self.dtype = cap, device, dtype
         z = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         width = 2 * cap if c.aasd else cap
-        self.kv = [(z(1, c.kv_heads, width, c.head_dim), z(1, c.kv_heads, width, c.head_dim)) for _ in net.layers]
+        widths = [width] + [cap] * (len(net.layers) - 1)  # the target's cache is read by the first layer only
+        self.kv = [(z(1, c.kv_heads, w, c.head_dim), z(1, c.kv_heads, w, c.head_dim)) for w in widths]
         self.F = {idx: z(cap, c.hidden) for idx in net.target_layers}
         self.cols = torch.arange(cap, device=device)
         self.order = torch.cat([self.cols, torch.full((width - cap,), _BIG, device=device)])

@@ -454,6 +454,8 @@ class FeatNet(nn.Module):
                 K, V = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
             if i == 0 and aasd is not None:
                 K, V, M = torch.cat([aasd[0], K], 2), torch.cat([aasd[1], V], 2), torch.cat([aasd[2], M], -1)
+            elif M.shape[-1] > K.shape[2]:  # inference: only the first layer's buffer holds AASD's rows
+                M = M[..., : K.shape[2]]
             h = add_linear(h, attend(q, K, V, M), layer.attn.o)
             if i == 0 and self.cross is not None:
                 h = h + self.cross(h, *cross)
