@@ -155,6 +155,13 @@ class PendingTree:
         else:
             self.copy = packed
 
+    def verify_inputs(self, root: int, root_pos: int):
+        """The root and the kept slots as the target's verify forward reads them, on the device:
+        tokens [1 + B], positions [1 + B] and the ancestor-or-self mask [1 + B, 1 + B]."""
+        t = self.t
+        toks = torch.cat([torch.full((1,), root, device=t.verify_tokens.device), t.verify_tokens])
+        return toks, t.verify_offsets + root_pos, t.verify_mask
+
     def host(self) -> tuple[DraftTree, dict]:
         """The kept nodes as a host `DraftTree` and the q rows of every expanded kept node (root: -1)
         as its proposals, as `tree.grow_tree` returns them."""

@@ -269,11 +269,9 @@ class Decoder:
     def _verify_inputs(proposal: Proposal, root: int, root_pos: int):
         """Tokens, positions and tree mask (None: a chain) of the root and the draft. A draft made on
         the device is read from there, so the forward is queued without waiting for the host."""
-        tree, pt = proposal.tree, proposal.device_tree
-        if pt is not None:
-            t = pt.t
-            toks = torch.cat([torch.full((1,), root, device=t.verify_tokens.device), t.verify_tokens])
-            return toks, t.verify_offsets + root_pos, t.verify_mask
+        tree = proposal.tree
+        if proposal.device_tree is not None:
+            return proposal.device_tree.verify_inputs(root, root_pos)
         if proposal.device_tokens is not None:
             toks = torch.cat([torch.full((1,), root, device=proposal.device_tokens.device), proposal.device_tokens])
         else:
