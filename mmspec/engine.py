@@ -254,8 +254,8 @@ class Decoder:
         logits, states = out if hidden else (out, None)
         if proposal.device_tree is not None:  # its host copy was queued first: read while the target runs
             proposal.resolve()
-            n = 1 + len(proposal.tree)  # rows past the tree are the device tree's unused slots
-            logits, toks = logits[:n], toks[:n]
+            used = 1 + len(proposal.tree)  # rows past the tree are the device tree's unused slots
+            logits, toks = logits[:used], toks[:used]
         # Verification's reductions go to the device queue behind the forward; the host then
         # waits once, for a few numbers per node rather than the logits.
         scores = score(logits, toks, proposal.tree.parents, sampling, proposal.proposals)

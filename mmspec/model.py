@@ -79,15 +79,6 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _put(buf: torch.Tensor, where, x: torch.Tensor) -> None:
-    """Write x into the packed inputs: at a slice, or (slice, Q, W, q, T) for the tail mask."""
-    if isinstance(where, slice):
-        buf[where] = x
-    else:
-        sl, Q, W, q, T = where
-        buf[sl].view(Q, W)[:q, :T] = x
-
-
 def _bucket(q: int) -> int:
     return 1 << (q - 1).bit_length()
 
@@ -275,17 +266,17 @@ class CachedModel:
         # Token ids, positions (the sequence positions last, without the rope offset: sliding windows
         # measure these) and the tail mask: what is on the host travels in one host-to-device copy,
         # what a drafter left on the device (its chain's tokens, its tree) is copied there after it.
-        pieces = [(slice(0, q), tokens), (slice(2 * Q + 1, 2 * Q + 1 + pos.numel()), pos.reshape(-1)),
-                  (slice(n - Q, n), seq)]
+        tail = 2 * Q + 1 + pos.numel()
+        pieces = [(lambda b: b[:q], tokens), (lambda b: b[2 * Q + 1 : tail], pos.reshape(-1)), (lambda b: b[n - Q :], seq)]
         if W:
-            pieces.append(((slice(2 * Q + 1 + pos.numel(), n - Q), Q, W, q, T), tail_mask))
-        for where, x in pieces:
+            pieces.append((lambda b: b[tail : n - Q].view(Q, W)[:q, :T], tail_mask))
+        for at, x in pieces:
             if x.device.type == "cpu":
-                _put(host, where, x)
+                at(host).copy_(x)
         packed = to_device(host, dev)
-        for where, x in pieces:
+        for at, x in pieces:
             if x.device.type != "cpu":
-                _put(packed, where, x)
+                at(packed).copy_(x)
         layout = (Q, tuple(pos.shape), W)
         logits, hs = self._replay(st, hidden, layout, packed) if graphed else self._run(st, hidden, layout, packed)
         self.cache.length = start + q
