@@ -252,6 +252,8 @@ def head_loss(net: FeatNet, fpred, xo, t: dict, stats: dict | None, j: int, h: i
     sl = torch.log_softmax(net.logits(fpred).float(), -1)
     kl = t["negent"] - (t["p"] * sl).sum(-1)  # sum p log p - sum p log q
     loss = c.w_kl * kl
+    if c.w_top > 0:
+        loss = loss - c.w_top * sl.gather(-1, t["top"][..., None]).squeeze(-1)
     if "feat" in t:
         loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), t["feat"], reduction="none").mean(-1)
     if xo is not None and "inter" in t:
@@ -428,6 +430,7 @@ def training_lines(c, info: dict) -> list[str]:
     return [
         data,
         f"- Loss: {c.w_kl} x KL + {c.w_feat} x SmoothL1(feature)"
+        + (f" + {c.w_top} x CE(the target's top-1 token)" if c.w_top else "")
         + (f" + {c.w_inter} x SmoothL1(cross block -> layer {c.dream_super})" if c.dream else "")
         + f"; training-time test over {c.unroll} unrolled steps (weights 0.8^j)"
         + (f"; {c.flash} future heads (weight 0.5 beyond the first)" if c.flash > 1 else "")
@@ -489,6 +492,9 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers of the drafter (default: the variant's, 1); with --init a saved drafter "
                          "with fewer layers is grown (the new layers start as the identity)")
+    ap.add_argument("--w-top", type=float, default=None,
+                    help="weight of a cross-entropy term on the target's most likely token (default 0: KL and "
+                         "features only); raises greedy acceptance where the target nearly ties")
     ap.add_argument("--gen-batch", type=int, default=1024, help="prompts per generate call (and per cached target pass)")
     ap.add_argument("--ground-truth", action="store_true", help="learn on the world's answers instead of the target's own")
     ap.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (the target's greedy answers)")
@@ -519,6 +525,8 @@ def parse_args(argv=None):
     args.steps = args.steps or 20000
     if args.layers is not None and args.layers < 1:
         raise InputError("--layers must be at least 1")
+    if args.w_top is not None and not 0 <= args.w_top <= 10:
+        raise InputError("--w-top must be between 0 and 10")
     return args
 
 
@@ -594,7 +602,8 @@ def make_nets(variants, target, choice, args):
     dev = target.device
     for v in variants:
         unroll = 2 if args.smoke else args.unroll
-        over = {**({"unroll": unroll} if unroll else {}), **({"n_layers": args.layers} if args.layers else {})}
+        over = {**({"unroll": unroll} if unroll else {}), **({"n_layers": args.layers} if args.layers else {}),
+                **({"w_top": args.w_top} if args.w_top is not None else {})}
         cfg = make_config(v, target.model, choice, **over)
         net = FeatNet(cfg, Shared(target.model)).to(dev).train()
         if args.init:
@@ -611,8 +620,7 @@ def _start_from(net: FeatNet, path: Path, target) -> None:
     A drafter with more layers grows from one with fewer: the new layers' output projections start
     at zero, so they add nothing to the residual and the grown drafter drafts what the saved one did."""
     saved = load_feature_drafter(path, target).net
-    mine, theirs = net.cfg.options(), saved.cfg.options()
-    diff = sorted(k for k in set(mine) | set(theirs) if k not in ("unroll", "n_layers") and mine.get(k) != theirs.get(k))
+    diff = net.cfg.recipe_differs(saved.cfg)
     n_old, n_new = saved.cfg.n_layers, net.cfg.n_layers
     if diff or n_old > n_new:
         diff += ["n_layers"] if n_old > n_new else []

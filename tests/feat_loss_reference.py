@@ -314,6 +314,8 @@ def variant_loss(net: FeatNet, sb, progress: float, train: bool = True, capture:
             sl = torch.log_softmax(net.logits(fpred).float(), -1)
             kl = (tl.exp() * (tl - sl)).sum(-1)
             loss = c.w_kl * kl
+            if c.w_top > 0:
+                loss = loss + c.w_top * F.nll_loss(sl, tl.argmax(-1), reduction="none")
             if c.w_feat > 0:
                 ftgt = hs_top.index_select(0, pi_t)
                 loss = loss + c.w_feat * F.smooth_l1_loss(fpred.float(), ftgt.float(), reduction="none").mean(-1)

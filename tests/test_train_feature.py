@@ -2,6 +2,7 @@
 (tests/feat_loss_reference.py): same loss, statistics and gradients for every variant, so the
 speed-up cannot change what a drafter learns; and the self-distillation pool holds the target's
 own greedy answers."""
+import dataclasses
 import json
 import shutil
 
@@ -76,6 +77,23 @@ def test_cached_loss_equals_per_sample_reference(tiny_dir, variant):
         assert go.keys() == gn.keys() and go
         for n in go:
             assert torch.allclose(gn[n], go[n], rtol=1e-4, atol=1e-6), (variant, progress, n)
+
+
+@pytest.mark.parametrize("variant", ["aasd", "flash"])
+def test_top1_cross_entropy_term_equals_the_reference(tiny_dir, variant):
+    """--w-top adds CE on the target's most likely token at every unroll step and future head: the
+    same loss and gradients as the per-sample reference, and a different loss from w_top = 0."""
+    c = setup(tiny_dir)
+    net = drafter(c, variant)
+    need = {"layers": net.target_layers, "cache": True, "saliency": False}
+    old_sb, new_sb = ref.target_pass(c["tgt"], c["batch"], need), tf.target_pass(c["tgt"], c["batch"], need)
+    plain, _, _ = loss_and_grads(net, tf.variant_loss, new_sb, 1.0, True)
+    net.cfg = dataclasses.replace(net.cfg, w_top=0.7)
+    lo, _, go = loss_and_grads(net, ref.variant_loss, old_sb, 1.0, True)
+    ln, _, gn = loss_and_grads(net, tf.variant_loss, new_sb, 1.0, True)
+    assert np.isclose(ln, lo, rtol=1e-5) and ln > plain + 1e-3, (ln, lo, plain)
+    for n in go:
+        assert torch.allclose(gn[n], go[n], rtol=1e-4, atol=1e-6), n
 
 
 def test_cache_rows_do_not_depend_on_the_batch(tiny_dir):
@@ -161,11 +179,13 @@ def test_init_continues_from_a_saved_drafter(tmp_path):
     the first run's after it (the same held-out prompts), and its record names where it started."""
     args = ["--variant", "eagle", "--smoke", "--device", "cpu", "--engine-eval", "0"]
     first = tf.main(args + ["--out", str(tmp_path / "a")])["eagle"]
-    second = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")])["eagle"]
+    # A loss weight is not part of how a drafter is built: a run may continue with another.
+    second = tf.main(args + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--w-top", "0.5"])["eagle"]
     assert second["quality"]["before_training"]["acc0"] == first["quality"]["heldout"]["acc0"]
     assert second["initialised_from"]["trained_steps"] == first["trained_steps"]
     card = (tmp_path / "b" / "mmspec-feat-eagle" / "README.md").read_text()
     assert f"Started from the weights of an earlier run: {first['trained_steps']} steps" in card
+    assert "0.5 x CE(the target's top-1 token)" in card
     shutil.copytree(tmp_path / "a" / "mmspec-feat-eagle", tmp_path / "other" / "mmspec-feat-aasd")
     with pytest.raises(InputError, match="differently built"):
         tf.main(["--variant", "aasd", "--smoke", "--device", "cpu", "--engine-eval", "0",

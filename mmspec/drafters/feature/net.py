@@ -45,6 +45,9 @@ class FeatConfig:
     unroll: int = 3  # training-time-test steps (EAGLE-3); loss weight 0.8**j
     w_feat: float = 0.5
     w_kl: float = 1.0
+    # Cross-entropy on the target's most likely token: greedy acceptance is lost at near-ties of the
+    # target, where KL's pull towards the right order is weak.
+    w_top: float = 0.0
     w_inter: float = 0.2
     two_stage: bool = False  # MSD schedule: text-only, then a rising share of multimodal samples
 
@@ -70,6 +73,13 @@ class FeatConfig:
         if self.needs["saliency"]:
             need.add(self.L - 1)  # input of the last decoder layer: the saliency query
         return tuple(sorted(need))
+
+    def recipe_differs(self, other: "FeatConfig") -> list[str]:
+        """Options that make `other`'s weights unfit to start this drafter from (training-only options
+        and the layer count, which --init grows, excluded)."""
+        mine, theirs = self.options(), other.options()
+        return sorted(k for k in set(mine) | set(theirs)
+                      if k not in ("unroll", "n_layers", "w_top") and mine.get(k) != theirs.get(k))
 
     def options(self) -> dict[str, Any]:
         base = FeatConfig()
