@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mmspec import DecodeConfig, generate, load_drafter, load_target  # noqa: E402
 from mmspec.load import ASSETS  # noqa: E402
 from mmspec.trace import StepRecord  # noqa: E402
-from mmspec.world import held_out_seeds, sample_example  # noqa: E402
+from speed import load_prompts  # noqa: E402
 
 MODELS = ASSETS / "models"
 
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     target = load_target(args.target, args.device, args.dtype)
     eos = target.tokenizer.eos_token_id
-    prompts = []
-    for seed in held_out_seeds(args.n):
-        img, qa, _ = sample_example(seed, None if args.kind == "mix" else args.kind)
-        prompts.append((img if qa.needs_image else None, qa.prompt))
+    prompts = [(img, prompt) for _, img, prompt in load_prompts(args.n, args.kind)]  # speed.py's prompts
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree=args.tree)
     report = {"tree": args.tree, "prompts": args.n, "kind": args.kind, "max_new_tokens": args.max_new_tokens,
               "device": str(target.device), "dtype": str(target.dtype), "drafters": {}}
