@@ -45,7 +45,8 @@ from webui import measure, views
 from webui.live import MAX_DRAFTERS, measure_live
 from webui.views import short_name
 from webui.policy import Limits, make_policy, public_mode
-from webui.request import Rules, hash_file, inside, parse_request, read_examples, trace_settings
+from webui.request import (SHAPE_LIMITS, Rules, hash_file, inside, parse_request, read_examples, shape_fits,
+                           trace_settings)
 from webui.session import (ModelCache, RateLimiter, RunCache, RunRegistry, SessionFiles, release_memory,
                            remove_file)
 
@@ -158,6 +159,10 @@ def make_config(default_target=None, drafters=None, default_drafter=None, exampl
         dd, default_tree = default_drafter, "chain:4"
     elif measured is not None and measured.drafter in values:
         dd, default_tree = measured.drafter, measured.tree
+        if not shape_fits(parse_tree_spec(default_tree)):  # a bench record may outgrow the sliders
+            log.warning("the measured default shape %s is beyond the app's shape controls %s; starting at chain:4",
+                        default_tree, SHAPE_LIMITS)
+            default_tree = "chain:4"
     else:
         dd, default_tree = values[0], "chain:4"
     ex_dir = Path(examples_dir) if examples_dir else Path(os.environ.get("MMSPEC_EXAMPLES") or DEFAULT_EXAMPLES)
@@ -281,11 +286,13 @@ def _shape_controls(ui: UI, cfg: AppConfig, default_max_new_tokens: int) -> None
     tree0 = t0.kind == "dynamic"
     ui.shape = gr.Radio(["chain", "tree (dynamic)"], value="tree (dynamic)" if tree0 else "chain", label="Draft shape")
     with gr.Row(visible=not tree0) as ui.chain_row:
-        ui.chain_len = gr.Slider(1, 16, value=t0.depth if t0.kind == "chain" else 4, step=1, label="chain length")
+        ui.chain_len = gr.Slider(*SHAPE_LIMITS["chain_len"], value=t0.depth if t0.kind == "chain" else 4, step=1,
+                                 label="chain length")
     with gr.Row(visible=tree0) as ui.tree_row:
-        ui.budget = gr.Slider(1, 128, value=t0.budget if tree0 else 16, step=1, label="budget (nodes)")
-        ui.depth = gr.Slider(1, 12, value=t0.depth if tree0 else 4, step=1, label="depth")
-        ui.topk = gr.Slider(1, 10, value=t0.topk if tree0 else 3, step=1, label="top-k")
+        ui.budget = gr.Slider(*SHAPE_LIMITS["budget"], value=t0.budget if tree0 else 16, step=1,
+                              label="budget (nodes)")
+        ui.depth = gr.Slider(*SHAPE_LIMITS["depth"], value=t0.depth if tree0 else 4, step=1, label="depth")
+        ui.topk = gr.Slider(*SHAPE_LIMITS["topk"], value=t0.topk if tree0 else 3, step=1, label="top-k")
     with gr.Row():
         ui.max_tokens = gr.Slider(1, cfg.token_limit, value=min(default_max_new_tokens, cfg.token_limit), step=1,
                                   label="max new tokens")

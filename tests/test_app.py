@@ -237,6 +237,7 @@ def test_bad_inputs_give_clear_messages(served, tmp_path):
         (dict(image=img, drafter="/no/such/draft-model"), "does not exist"),
         (dict(image=img, drafter="not-a-drafter"), "unknown drafter"),
         (dict(image=img, shape="tree (dynamic)", budget=0), "budget 1-128"),
+        (dict(image=img, shape="chain", chain=33), "chain length must be 1-32"),
         (dict(image=img, temperature=-1), "temperature"),
     ]
     fake = tmp_path / "fake.png"

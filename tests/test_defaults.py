@@ -67,3 +67,21 @@ def test_app_starts_at_the_measured_default(monkeypatch, tmp_path):
     assert cfg.default_drafter == "ngram" and cfg.default_tree.describe() == "chain:4"
     monkeypatch.setattr(app, "default_method", lambda: DefaultMethod("/not/offered", "chain:8"))
     assert app.make_config(cache_examples=False).default_tree.describe() == "chain:4"
+
+
+def test_the_app_controls_can_show_the_shipped_default(monkeypatch):
+    """The shipped record starts the app at its own shape, and the request check accepts that shape;
+    a record beyond the sliders' range starts the drafter at chain:4 instead of an unrunnable setting."""
+    import app
+    from mmspec.defaults import DefaultMethod
+    from webui.request import tree_spec
+
+    shipped = default_method()
+    cfg = app.make_config(cache_examples=False)
+    assert cfg.default_tree.describe() == shipped.tree
+    t = cfg.default_tree
+    chain = t.kind == "chain"
+    assert tree_spec("chain" if chain else "tree (dynamic)", t.depth, t.budget, t.depth, t.topk) == shipped.tree
+    monkeypatch.setattr(app, "default_method", lambda: DefaultMethod(shipped.drafter, "chain:40"))
+    cfg = app.make_config(cache_examples=False)
+    assert cfg.default_drafter == shipped.drafter and cfg.default_tree.describe() == "chain:4"

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmspec import DecodeConfig, InputError, load_image
 from mmspec.load import MAX_IMAGE_SIDE
-from mmspec.tree import parse_tree_spec
+from mmspec.tree import TreeSpec, parse_tree_spec
 from webui.policy import Limits, Policy
 
 FILE_DATA = "gradio.FileData"
@@ -114,19 +114,31 @@ def uploaded_file(payload: Any, upload_dir: str, examples: Collection[str] = ())
     return path
 
 
+# The draft-shape controls' ranges: the sliders, the request check and a loaded trace's settings share them.
+SHAPE_LIMITS = {"chain_len": (1, 32), "budget": (1, 128), "depth": (1, 12), "topk": (1, 10)}
+
+
+def shape_fits(spec: TreeSpec) -> bool:
+    """Whether the controls can show this shape (a chain or a dynamic tree within SHAPE_LIMITS)."""
+    within = lambda name, v: SHAPE_LIMITS[name][0] <= v <= SHAPE_LIMITS[name][1]  # noqa: E731
+    if spec.kind == "chain":
+        return within("chain_len", spec.depth)
+    return spec.kind == "dynamic" and all(within(n, getattr(spec, n)) for n in ("budget", "depth", "topk"))
+
+
 def tree_spec(shape: str, chain_len, budget, depth, topk) -> str:
     try:
-        if str(shape).startswith("chain"):
-            k = int(chain_len)
-            if not 1 <= k <= 16:
-                raise InputError("chain length must be between 1 and 16")
-            return f"chain:{k}"
-        b, d, k = int(budget), int(depth), int(topk)
+        chain = str(shape).startswith("chain")
+        values = (int(chain_len),) if chain else (int(budget), int(depth), int(topk))
     except (TypeError, ValueError, OverflowError) as e:
         raise InputError(f"draft shape: expected whole numbers ({e})") from e
-    if not (1 <= b <= 128 and 1 <= d <= 12 and 1 <= k <= 10):
-        raise InputError("tree: budget 1-128, depth 1-12, top-k 1-10")
-    return f"dynamic:{b},{d},{k}"
+    spec = TreeSpec("chain", depth=values[0]) if chain else TreeSpec("dynamic", depth=values[1], topk=values[2],
+                                                                      budget=values[0])
+    if not shape_fits(spec):
+        lo_hi = {n: f"{a}-{b}" for n, (a, b) in SHAPE_LIMITS.items()}
+        raise InputError(f"chain length must be {lo_hi['chain_len']}" if chain else
+                         f"tree: budget {lo_hi['budget']}, depth {lo_hi['depth']}, top-k {lo_hi['topk']}")
+    return spec.describe()
 
 
 def _sampling(max_tokens, temperature, top_p, seed, limit: int) -> tuple[int, float, float, int]:
@@ -248,9 +260,9 @@ def trace_settings(config: dict, prompt: str, drafters: list[str], token_limit: 
         shape = parse_tree_spec(str(config.get("tree", "")))
     except (ValueError, InputError):
         return out
+    clamp = lambda name, v: min(max(v, SHAPE_LIMITS[name][0]), SHAPE_LIMITS[name][1])  # noqa: E731
     if shape.kind == "chain":
-        out.update(shape="chain", chain_len=min(max(shape.depth, 1), 16))
+        out.update(shape="chain", chain_len=clamp("chain_len", shape.depth))
     elif shape.kind == "dynamic":
-        out.update(shape="tree (dynamic)", budget=min(max(shape.budget, 1), 128), depth=min(max(shape.depth, 1), 12),
-                   topk=min(max(shape.topk, 1), 10))
+        out.update(shape="tree (dynamic)", **{n: clamp(n, getattr(shape, n)) for n in ("budget", "depth", "topk")})
     return out
