@@ -18,12 +18,21 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mmspec import DecodeConfig, generate, load_drafter, load_target  # noqa: E402
+from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target  # noqa: E402
 from mmspec.load import ASSETS  # noqa: E402
 from mmspec.trace import StepRecord  # noqa: E402
 from speed import load_prompts  # noqa: E402
 
 MODELS = ASSETS / "models"
+
+
+def drafter_path(name: str) -> str:
+    """A path, a model-free drafter, or a shipped drafter by folder name with or without 'mmspec-'
+    (speed.py's method names drop it)."""
+    if "/" in name or name in ("ngram", "random"):
+        return name
+    bare = MODELS / name
+    return str(bare if bare.exists() else MODELS / f"mmspec-{name}")
 
 
 def step_outcome(step: StepRecord, eos: int) -> tuple[int, int | None]:
@@ -86,29 +95,35 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        raise SystemExit(f"rejections: {e}") from None
+
+
+def run(args: argparse.Namespace) -> dict:
     target = load_target(args.target, args.device, args.dtype)
     eos = target.tokenizer.eos_token_id
     prompts = [(img, prompt) for _, img, prompt in load_prompts(args.n, args.kind)]  # speed.py's prompts
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree=args.tree)
-    report = {"tree": args.tree, "prompts": args.n, "kind": args.kind, "max_new_tokens": args.max_new_tokens,
+    out = {"tree": args.tree, "prompts": args.n, "kind": args.kind, "max_new_tokens": args.max_new_tokens,
               "device": str(target.device), "dtype": str(target.dtype), "drafters": {}}
     for name in args.drafters.split(","):
-        path = name if ("/" in name or name in ("ngram", "random")) else str(MODELS / name)
-        drafter = load_drafter(path, target)
+        drafter = load_drafter(drafter_path(name), target)
         counts, tokens, forwards = new_counts(args.contexts), 0, 0
         for img, prompt in prompts:
             gen = generate(target, drafter, img, prompt, cfg)
             tokens, forwards = tokens + gen.stats.new_tokens, forwards + gen.stats.steps
             tally(gen.steps, eos, counts)
         row = {"tau": round(tokens / max(1, forwards), 3), **summary(counts)}
-        report["drafters"][name] = row
+        out["drafters"][name] = row
         print(f"{name} {args.tree}: tau {row['tau']}, {row['rejections']} rejections, target p of the rejected "
               f"draft: median {row['target_p_of_rejected_median']}, below 0.1 {row['target_p_of_rejected_below_0.1']}",
               flush=True)
         print("  " + ", ".join(f"{p} x{k}" for p, k in row["top_pairs"][:6]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    return report
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
 
 
 if __name__ == "__main__":

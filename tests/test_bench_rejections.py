@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import rejections as rj  # noqa: E402
 from mmspec.trace import DraftTree, StepRecord  # noqa: E402
@@ -39,9 +41,14 @@ def test_rejections_count_the_first_choice_after_the_accepted_path_and_not_past_
 
 
 def test_a_real_run_reports_every_drafter(tmp_path):
-    rep = rj.main(["--drafters", "ngram,mmspec-draft-vlm", "--n", "2", "--max-new-tokens", "24", "--tree", "chain:4",
-                   "--device", "cpu", "--out", str(tmp_path / "r.json")])
-    assert set(rep["drafters"]) == {"ngram", "mmspec-draft-vlm"} and (tmp_path / "r.json").exists()
+    rep = rj.main(["--drafters", "ngram,draft-vlm", "--n", "2", "--max-new-tokens", "24", "--tree", "chain:4",
+                   "--device", "cpu", "--out", str(tmp_path / "r.json")])  # speed.py's name for mmspec-draft-vlm
+    assert set(rep["drafters"]) == {"ngram", "draft-vlm"} and (tmp_path / "r.json").exists()
     for row in rep["drafters"].values():
         assert 1.0 <= row["tau"] <= 5.0
         assert all(0.0 <= a <= 1.0 for a in row["acceptance_by_depth"].values())
+
+
+def test_an_unknown_drafter_is_one_line():
+    with pytest.raises(SystemExit, match="^rejections: model path .*no-such-drafter does not exist$"):
+        rj.main(["--drafters", "no-such-drafter", "--n", "1", "--device", "cpu"])
