@@ -69,6 +69,7 @@ PAGE_CSS = CSS + RACE_CSS + """
 .mmspec-card-table th, .mmspec-card-table td { border: 1px solid var(--border-color-primary); padding: 2px 8px;
   text-align: left; vertical-align: top; }
 .mmspec-card { font-size: 14px; color: var(--body-text-color); }
+#mmspec-tree { overflow-x: auto !important; }  /* Gradio sets overflow: hidden inline; a long chain scrolls */
 """
 
 
