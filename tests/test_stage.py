@@ -389,6 +389,20 @@ def test_feature_drafter_card_is_prose_and_tables():
     assert out.count("<table") == 3
 
 
+def test_layer_note_says_which_layers_each_drafter_reads():
+    from viz import card
+
+    profile = [0.7, 0.6, 0.5, 0.4, 0.6, 0.7, 0.5, 0.6]
+    dream = card.layer_choice_html(profile, {"name": "/m/mmspec-feat-dream", "chosen_layers": [2, 3, 7]})
+    aasd = card.layer_choice_html(profile, {"name": "/m/mmspec-feat-aasd", "chosen_layers": [2, 3, 7],
+                                            "dream_uses_chosen_layers": False, "target_layers": [0, 8]})
+    vlm = card.layer_choice_html(profile, {"name": "/m/mmspec-draft-vlm", "kind": "model"})
+    assert "reads layers 2, 3, 7." in _text(dream)
+    assert "this drafter reads layers 0, 8 instead" in _text(aasd) and "does not read" not in _text(aasd)
+    assert "this drafter does not read target layers" in _text(vlm)
+    assert "no drafter ran" in _text(card.layer_choice_html(profile))
+
+
 def test_cards_of_other_drafters_and_escaping_once():
     from viz import card
 
