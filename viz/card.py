@@ -352,10 +352,10 @@ def layer_choice_html(profile: list[float] | None, info: dict | None = None) -> 
     chosen, reads = chosen_for(profile, info)
     name = drafter_label(plain((info or {}).get("name", ""))) if info else ""
     own = (info or {}).get("target_layers")
-    elsewhere = (f"this drafter reads layers {plain(own)} instead" if own else "this drafter does not read target layers")
+    elsewhere = f"this drafter reads layers {plain(own)} instead" if own else "this drafter does not read target layers"
+    shown = f"{elsewhere}, so the choice is shown for what a DREAM-style drafter would read"
     who = (f"{name} reads layers {plain(chosen)}" if reads else
-           f"The rule chooses layers {plain(chosen)}; " + (f"{elsewhere}, so the choice is shown for what a "
-                                                          "DREAM-style drafter would read" if info else "no drafter ran"))
+           f"The rule chooses layers {plain(chosen)}; " + (shown if info else "no drafter ran"))
     parts = [f"Attention entropy of the target's {len(profile)} decoder layers on this prompt (normalised: 0 = "
              "each query attends to one key, 1 = spread evenly). " + who + ".", LAYER_RULE,
              *skipped_layers(profile, chosen)]
