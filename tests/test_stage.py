@@ -194,6 +194,9 @@ def test_acceptance_overlay_figure_skips_unreached_depths():
     assert [list(t.x) for t in fig.data] == [[1, 2], [1]]
     assert fig.data[1].name == "b&lt;"
     assert acceptance_overlay_figure({}).data == ()
+    same = acceptance_overlay_figure({n: ([1.0, 1.0], [3, 3]) for n in "abc"})  # equal rates: all stay visible
+    widths, symbols = [t.line.width for t in same.data], [t.marker.symbol for t in same.data]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == len(set(symbols)) == 3
 
 
 # ------------------------------------------------------------------ tree layout
@@ -509,7 +512,7 @@ def test_protocol_and_race_on_real_decodes(tiny_target):
 
 
 def test_result_sets_and_spread_figure(tmp_path):
-    from viz import bench
+    from viz import bench, charts
     from viz.charts import speedup_spread_figure
 
     names = [s.name for s in bench.result_sets()]
@@ -526,6 +529,9 @@ def test_result_sets_and_spread_figure(tmp_path):
     assert list(fig.data[0].y) == ["ngram", "draft &lt;VLM&gt;"] and "cpu, float32" in fig.layout.title.text
     lo, hi = fig.data[0].error_x.arrayminus, fig.data[0].error_x.array
     assert all(a >= 0 and b >= 0 for a, b in zip(lo, hi))
+    assert list(fig.data[0].textposition) == charts._inward(pts)
+    edge = [dict(lo=0.8, speedup=0.97, hi=1.1), dict(lo=2.0, speedup=2.5, hi=3.0), dict(lo=3.5, speedup=4.9, hi=5.0)]
+    assert charts._inward(edge) == ["top right", "top center", "top left"]  # labels lean inward, not off the edge
     assert [label for label, _ in measure.race_inputs(van, ms)] == ["vanilla", "ngram", "draft <VLM>"]
     assert measure.race_inputs(van, ms, label=str.upper)[1][0] == "NGRAM"
 

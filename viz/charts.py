@@ -119,6 +119,9 @@ def summary_figure(rows: list[dict[str, Any]]) -> go.Figure:
 
 
 OVERLAY_COLOURS = (GREEN, BLUE, "#D55E00", "#CC79A7")  # Okabe-Ito, one per drafter pane
+# Each later line is thinner, with its own marker, so drafters with equal rates stay visible: a thin
+# line inside a wide one where they coincide (equal acceptance is common on easy prompts).
+OVERLAY_LINES = ((6.0, "circle", 12), (3.5, "diamond", 9), (2.0, "square", 6), (1.0, "x", 5))
 
 
 def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]]) -> go.Figure:
@@ -127,11 +130,13 @@ def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]])
     if not overlay:
         return empty_figure("Acceptance by depth needs at least one speculative run in the race.")
     fig = go.Figure()
-    for (label, (rates, reached)), colour in zip(overlay.items(), OVERLAY_COLOURS):
+    for (label, (rates, reached)), colour, (width, symbol, size) in zip(overlay.items(), OVERLAY_COLOURS,
+                                                                        OVERLAY_LINES):
         keep = [d for d in range(len(rates)) if d < len(reached) and reached[d] > 0]
         fig.add_trace(go.Scatter(
             x=[d + 1 for d in keep], y=[rates[d] for d in keep], customdata=[reached[d] for d in keep],
-            mode="lines+markers", name=html.escape(label), line=dict(color=colour, width=2.5),
+            mode="lines+markers", name=html.escape(label), line=dict(color=colour, width=width),
+            marker=dict(symbol=symbol, size=size),
             hovertemplate=f"{html.escape(label)}<br>depth %{{x}}: %{{y:.0%}} of %{{customdata}} steps<extra></extra>",
         ))
     fig.update_xaxes(title="draft depth", tickmode="linear", dtick=1)
@@ -146,6 +151,15 @@ def acceptance_overlay_figure(overlay: dict[str, tuple[list[float], list[int]]])
 VERDICT_COLOURS = {"faster": GREEN, "slower": "#D55E00", "within noise": "#999999"}
 
 
+def _inward(points: list[dict]) -> list[str]:
+    """Each point's label leans towards the middle of the drawn range (vanilla's 1x included), so a
+    point near either edge keeps its label inside the plot."""
+    lo, hi = min(1.0, *(p["lo"] for p in points)), max(1.0, *(p["hi"] for p in points))
+    third = (hi - lo) / 3
+    return ["top right" if p["speedup"] < lo + third else "top left" if p["speedup"] > hi - third else "top center"
+            for p in points]
+
+
 def speedup_spread_figure(points: list[dict]) -> go.Figure:
     """Speed-up of each drafter over vanilla as a median with its min–max range (from
     `webui.measure.speedup_points`), coloured by verdict; the device and dtype are in the title."""
@@ -157,12 +171,12 @@ def speedup_spread_figure(points: list[dict]) -> go.Figure:
         error_x=dict(type="data", symmetric=False, array=[p["hi"] - p["speedup"] for p in points],
                      arrayminus=[p["speedup"] - p["lo"] for p in points], color=FONT_COLOUR, thickness=2),
         marker=dict(size=12, color=[VERDICT_COLOURS.get(p["verdict"], FONT_COLOUR) for p in points]),
-        text=[f"{p['speedup']:.2f}× {html.escape(p['verdict'])}" for p in points], textposition="top center",
+        text=[f"{p['speedup']:.2f}× {html.escape(p['verdict'])}" for p in points], textposition=_inward(points),
         customdata=[p["verdict"] for p in points], hovertemplate="%{y}: %{x:.2f}× (%{customdata})<extra></extra>",
     ))
     fig.add_vline(x=1.0, line=dict(color=FONT_COLOUR, dash="dot"))
     wheres = sorted({p["where"] for p in points})
-    fig.update_xaxes(title="speed-up over vanilla (median; bar: slowest to fastest pairing)", automargin=True)
+    fig.update_xaxes(title="speed-up over vanilla (dot: median; bar: slowest to fastest)", automargin=True)
     # First method on top, with room above each point for its label (a categorical axis counts 0, 1, ...).
     fig.update_yaxes(automargin=True, range=[len(points) - 0.5, -0.8])
     return style_figure(fig, title=html.escape(f"Speed-up over vanilla, {' / '.join(wheres)}"),
