@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [(img, prompt) for _, img, prompt in load_prompts(args.n, args.kind)]  # speed.py's prompts
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree=args.tree)
     out = {"tree": args.tree, "prompts": args.n, "kind": args.kind, "max_new_tokens": args.max_new_tokens,
-              "device": str(target.device), "dtype": str(target.dtype), "drafters": {}}
+           "device": str(target.device), "dtype": str(target.dtype), "drafters": {}}
     for name in args.drafters.split(","):
         drafter = load_drafter(drafter_path(name), target)
         counts, tokens, forwards = new_counts(args.contexts), 0, 0
