@@ -19,20 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mmspec import DecodeConfig, InputError, generate, load_drafter, load_target  # noqa: E402
-from mmspec.load import ASSETS  # noqa: E402
+from mmspec.defaults import BUILTIN, MODELS, shipped_drafter  # noqa: E402
 from mmspec.trace import StepRecord  # noqa: E402
 from speed import load_prompts  # noqa: E402
 
-MODELS = ASSETS / "models"
-
 
 def drafter_path(name: str) -> str:
-    """A path, a model-free drafter, or a shipped drafter by folder name with or without 'mmspec-'
-    (speed.py's method names drop it)."""
-    if "/" in name or name in ("ngram", "random"):
+    """A path, a model-free drafter, or a shipped drafter by speed.py's name or its folder's."""
+    if "/" in name or name in BUILTIN:
         return name
-    bare = MODELS / name
-    return str(bare if bare.exists() else MODELS / f"mmspec-{name}")
+    return str(shipped_drafter(name) or MODELS / name)  # not shipped: loading says the path does not exist
 
 
 def step_outcome(step: StepRecord, eos: int) -> tuple[int, int | None]:

@@ -37,13 +37,16 @@ def default_method(path: Path = DEFAULT_FILE) -> DefaultMethod:
         return DefaultMethod(*FALLBACK)
     if name in BUILTIN:
         return DefaultMethod(name, tree, raw.get("measured") or {})
-    # Only a shipped drafter, never a path taken from the file; bench/speed.py names drafters without
-    # the "mmspec-" prefix of their directory.
+    # Only a shipped drafter, never a path taken from the file.
+    where = shipped_drafter(name)
+    return DefaultMethod(str(where), tree, raw.get("measured") or {}) if where else DefaultMethod(*FALLBACK)
+
+
+def shipped_drafter(name: str) -> Path | None:
+    """The folder under assets/models of a drafter named as bench/speed.py names it (without the
+    "mmspec-" prefix) or as its folder is named; None when none is shipped."""
     base = Path(name).name
-    for where in (MODELS / base, MODELS / f"mmspec-{base}"):
-        if where.is_dir():
-            return DefaultMethod(str(where), tree, raw.get("measured") or {})
-    return DefaultMethod(*FALLBACK)
+    return next((where for where in (MODELS / base, MODELS / f"mmspec-{base}") if where.is_dir()), None)
 
 
 def pick_fastest(rows: list[dict], meta: dict) -> dict | None:

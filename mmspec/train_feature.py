@@ -602,8 +602,8 @@ def make_nets(variants, target, choice, args):
     dev = target.device
     for v in variants:
         unroll = 2 if args.smoke else args.unroll
-        over = {**({"unroll": unroll} if unroll else {}), **({"n_layers": args.layers} if args.layers else {}),
-                **({"w_top": args.w_top} if args.w_top is not None else {})}
+        given = {"unroll": unroll or None, "n_layers": args.layers, "w_top": args.w_top}
+        over = {k: v for k, v in given.items() if v is not None}  # what the command line sets; the rest: the variant's
         cfg = make_config(v, target.model, choice, **over)
         net = FeatNet(cfg, Shared(target.model)).to(dev).train()
         if args.init:

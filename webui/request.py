@@ -118,12 +118,17 @@ def uploaded_file(payload: Any, upload_dir: str, examples: Collection[str] = ())
 SHAPE_LIMITS = {"chain_len": (1, 32), "budget": (1, 128), "depth": (1, 12), "topk": (1, 10)}
 
 
+def _clamp(control: str, value: int) -> int:
+    lo, hi = SHAPE_LIMITS[control]
+    return min(max(value, lo), hi)
+
+
 def shape_fits(spec: TreeSpec) -> bool:
     """Whether the controls can show this shape (a chain or a dynamic tree within SHAPE_LIMITS)."""
-    within = lambda name, v: SHAPE_LIMITS[name][0] <= v <= SHAPE_LIMITS[name][1]  # noqa: E731
     if spec.kind == "chain":
-        return within("chain_len", spec.depth)
-    return spec.kind == "dynamic" and all(within(n, getattr(spec, n)) for n in ("budget", "depth", "topk"))
+        return _clamp("chain_len", spec.depth) == spec.depth
+    return spec.kind == "dynamic" and all(_clamp(n, getattr(spec, n)) == getattr(spec, n)
+                                          for n in ("budget", "depth", "topk"))
 
 
 def tree_spec(shape: str, chain_len, budget, depth, topk) -> str:
@@ -260,9 +265,8 @@ def trace_settings(config: dict, prompt: str, drafters: list[str], token_limit: 
         shape = parse_tree_spec(str(config.get("tree", "")))
     except (ValueError, InputError):
         return out
-    clamp = lambda name, v: min(max(v, SHAPE_LIMITS[name][0]), SHAPE_LIMITS[name][1])  # noqa: E731
     if shape.kind == "chain":
-        out.update(shape="chain", chain_len=clamp("chain_len", shape.depth))
+        out.update(shape="chain", chain_len=_clamp("chain_len", shape.depth))
     elif shape.kind == "dynamic":
-        out.update(shape="tree (dynamic)", **{n: clamp(n, getattr(shape, n)) for n in ("budget", "depth", "topk")})
+        out.update(shape="tree (dynamic)", **{n: _clamp(n, getattr(shape, n)) for n in ("budget", "depth", "topk")})
     return out
