@@ -276,6 +276,12 @@ ERRORS_JS = """() => [...document.querySelectorAll('.error, [data-testid=toast-b
     .filter(e => e.offsetParent !== null && /error/i.test(e.innerText)).map(e => e.innerText.slice(0, 80))"""
 COUNTS_JS = """() => [0, 1, 2, 3].map(i => document.querySelectorAll(
     `#mmspec-pane-${i} .tok:not(.tok-rejected)`).length)"""
+# Every pane state the page shows, recorded in the page as it changes: polling from Python misses
+# frames when the machine is busy.
+WATCH_COUNTS_JS = """() => { window.mmspecCounts = []; new MutationObserver(() => {
+    const now = (""" + COUNTS_JS + """)(); const last = window.mmspecCounts[window.mmspecCounts.length - 1];
+    if (!last || now.some((n, i) => n !== last[i])) window.mmspecCounts.push(now); })
+    .observe(document.body, {childList: true, subtree: true, characterData: true}); }"""
 WIDTH_JS = """(sel) => { const box = document.querySelector(sel); const svg = box && box.querySelector('svg.main-svg');
     return svg ? [svg.getBoundingClientRect().width, box.getBoundingClientRect().width] : null; }"""
 
@@ -311,14 +317,12 @@ def test_stage_race_stop_scope_and_replay(tiny_dir, tmp_path, browser, monkeypat
         pick(page, "mmspec-rivals", "tiny draft VLM")
         pick(page, "mmspec-rivals", "n-gram")
         page.get_by_role("tab", name="Trace").click()  # a run that ends while another tab is open
+        page.evaluate(WATCH_COUNTS_JS)
         page.locator("#mmspec-run").click()
-        expect(page.locator("#mmspec-clock")).to_contain_text("racing", timeout=RUN_MS)
-        snapshots = []
-        while "race finished" not in page.locator("#mmspec-clock").inner_text():
-            snapshots.append(page.evaluate(COUNTS_JS))
-            page.wait_for_timeout(250)
+        expect(page.locator("#mmspec-clock")).to_contain_text("race finished", timeout=RUN_MS)
+        snapshots = page.evaluate("() => window.mmspecCounts")
         final = page.evaluate(COUNTS_JS)
-        growing = sorted({sum(s) for s in snapshots} - {sum(final)})
+        growing = sorted({sum(s) for s in snapshots} - {sum(final), 0})  # the race's frames before the end
         assert len(growing) >= 3 and all(n > 0 for n in final), (snapshots, final)
         for i in range(4):
             expect(page.locator(f"#mmspec-pane-{i}")).to_contain_text("tok/s median")
